@@ -1,0 +1,31 @@
+# The two commands: `make serve` and `make test`. Both install into .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench protos lint clean-venv
+
+$(STAMP): pyproject.toml scripts/install.sh
+	EDITABLE=1 scripts/install.sh $(VENV) train,dev
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/rnn-serve --models models
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/train_bench.py
+	$(PY) bench/serve_bench.py
+	$(PY) bench/export_bench.py
+
+# Regenerate the Python stubs from protos/ (tests/test_protos.py fails when they are stale).
+protos: $(STAMP)
+	$(PY) scripts/protogen.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trainer server client tests bench
+
+clean-venv:
+	rm -rf $(VENV)
