@@ -9,7 +9,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --upgrade pip
 if [ -z "$extras" ] || [ "$extras" = "server" ]; then
     spec="$here"
 else
