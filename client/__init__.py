@@ -1,0 +1,19 @@
+"""rnnserve client: `Client` (sync) and `AsyncClient` (asyncio) for the rnnserve.v1 protocol.
+
+Names are imported lazily so `rnn-health` (client.health) stays light.
+"""
+from __future__ import annotations
+
+__all__ = ["AsyncClient", "AsyncSession", "Client", "RnnServeError", "Session"]
+
+_WHERE = {"Client": "client.lib", "Session": "client.lib", "AsyncClient": "client.aio",
+          "AsyncSession": "client.aio", "RnnServeError": "client._common"}
+
+
+def __getattr__(name: str):
+    """Import the public classes on first use."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'client' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_WHERE[name]), name)
