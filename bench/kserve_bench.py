@@ -1,0 +1,230 @@
+"""Ping-pong over the Open Inference Protocol: our KServe endpoint against its ceiling, same run.
+
+64 sequences (by default), each on its own ModelStreamInfer stream, send one token per
+request and wait for its logits before sending the next. Three servers, each in its own
+process, driven by the same load generator (this process):
+  - null:   a do-nothing server of the same protocol (answers at once with zero logits);
+  - kserve: rnn-serve's KServe endpoint (Triton sequence ids, real model and batcher);
+  - native: rnn-serve's own protocol (rnnserve.v1 Session streams) on the same server.
+Prints steps/s and p50/p99 latency for each, and kserve / null (goal >= 0.7).
+
+    .venv/bin/python bench/kserve_bench.py --models models [--model NAME] [--sessions 64]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- null server
+async def serve_null(vocab: int, port_file: Path) -> None:
+    """A do-nothing server of the KServe protocol: parses each request, answers zero logits."""
+    import grpc
+
+    from server.kserve_codec import read_tokens
+    from server.kserve_proto import SERVICE, messages
+
+    pb = messages()
+    req_cls, resp_cls = pb.ModelInferRequest, pb.ModelStreamInferResponse
+
+    async def stream(requests, context):
+        async for req in requests:
+            tokens = read_tokens(req, vocab)  # (T,)
+            resp = resp_cls()
+            r = resp.infer_response
+            r.model_name, r.id = req.model_name, req.id
+            out = r.outputs.add()
+            out.name, out.datatype = "logits", "FP32"
+            out.shape.extend((1, tokens.shape[0], vocab))
+            r.raw_output_contents.append(bytes(4 * vocab * tokens.shape[0]))
+            yield resp
+
+    handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=req_cls.FromString,
+            response_serializer=resp_cls.SerializeToString)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_file.write_text(json.dumps({"port": port}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+# ----------------------------------------------------------------------------- clients
+async def kserve_worker(channel, model: str, seq_id: int, steps: int, vocab: int,
+                        lat: list[float], start_evt: asyncio.Event) -> None:
+    """One sequence on its own ModelStreamInfer stream: send a token, wait for its answer, repeat."""
+    from tritonclient.grpc import service_pb2 as tpb
+
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=tpb.ModelInferRequest.SerializeToString,
+        response_deserializer=tpb.ModelStreamInferResponse.FromString)()
+    rng = np.random.default_rng(seq_id)
+    await start_evt.wait()
+    for i in range(steps):
+        req = tpb.ModelInferRequest(model_name=model, id=str(i))
+        t = req.inputs.add()
+        t.name, t.datatype = "tokens", "INT64"
+        t.shape.extend((1, 1))
+        req.raw_input_contents.append(np.array([rng.integers(vocab)], "<i8").tobytes())
+        req.parameters["sequence_id"].int64_param = seq_id
+        req.parameters["sequence_start"].bool_param = i == 0
+        req.parameters["sequence_end"].bool_param = i == steps - 1
+        t0 = time.perf_counter()
+        await call.write(req)
+        resp = await call.read()
+        lat.append(time.perf_counter() - t0)
+        if resp.error_message:
+            raise RuntimeError(f"sequence {seq_id} step {i}: {resp.error_message}")
+    await call.done_writing()
+
+
+async def native_worker(channel, model: str, seq_id: int, steps: int, vocab: int,
+                        lat: list[float], start_evt: asyncio.Event) -> None:
+    """One session on the native Session stream: feed a token, wait for its logits, repeat."""
+    from rnnserve.v1 import rnnserve_pb2 as pb
+
+    call = channel.stream_stream(
+        "/rnnserve.v1.RnnServe/Session",
+        request_serializer=pb.SessionRequest.SerializeToString,
+        response_deserializer=pb.SessionResponse.FromString)()
+    await call.write(pb.SessionRequest(request_id=0, open=pb.Open(model=pb.ModelRef(name=model))))
+    opened = await call.read()
+    if opened.WhichOneof("kind") != "opened":
+        raise RuntimeError(f"native open failed: {opened}")
+    rng = np.random.default_rng(seq_id)
+    await start_evt.wait()
+    for i in range(steps):
+        req = pb.SessionRequest(request_id=i + 1, feed=pb.Feed(
+            tokens=pb.TokenIds(ids=[int(rng.integers(vocab))]), output=pb.OUTPUT_LAST, logits=True))
+        t0 = time.perf_counter()
+        await call.write(req)
+        resp = await call.read()
+        lat.append(time.perf_counter() - t0)
+        if resp.WhichOneof("kind") != "fed":
+            raise RuntimeError(f"native session {seq_id} step {i}: {resp}")
+    await call.write(pb.SessionRequest(request_id=steps + 1, close=pb.Close()))
+    await call.done_writing()
+
+
+async def drive(kind: str, port: int, model: str, sessions: int, steps: int, vocab: int) -> dict:
+    """Run `sessions` ping-pong workers of one kind against 127.0.0.1:port; steps/s and latency."""
+    import grpc
+
+    worker = native_worker if kind == "native" else kserve_worker
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(min(sessions, 8))]
+    lat: list[float] = []
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(worker(channels[i % len(channels)], model, 1000 + i, steps, vocab,
+                                        lat, start)) for i in range(sessions)]
+    await asyncio.sleep(0.5)  # let the streams open
+    t0 = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    for ch in channels:
+        await ch.close()
+    ms = np.asarray(lat) * 1e3
+    return {"kind": kind, "steps_per_s": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "steps": len(lat)}
+
+
+# ----------------------------------------------------------------------------- orchestration
+def start_process(cmd: list[str], port_file: Path, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a server process and wait for it to write its port file."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {' '.join(cmd)}")
+        time.sleep(0.05)
+    return proc, json.loads(port_file.read_text())["port"]
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM a server process and wait for it."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def model_info(models: Path, name: str | None) -> tuple[str, int]:
+    """(model name, vocab size) of the named model, or of the first one in the repository."""
+    candidates = sorted(p for p in models.glob("*/*/model.json"))
+    for p in candidates:
+        meta = json.loads(p.read_text())
+        if name is None or meta["name"] == name:
+            return meta["name"], len(meta["vocab"])
+    raise SystemExit(f"no model {name or ''} under {models}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: run the three servers one after another, print the table and the ratio."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", type=Path, default=ROOT / "models")
+    ap.add_argument("--model", default=None, help="model name (default: the first in the repository)")
+    ap.add_argument("--sessions", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200, help="tokens per sequence")
+    ap.add_argument("--serve-null", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_null:
+        asyncio.run(serve_null(args.vocab, args.serve_null))
+        return 0
+    model, vocab = model_info(args.models, args.model)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pf = Path(tmp) / "null.json"
+        proc, port = start_process([sys.executable, __file__, "--serve-null", str(pf),
+                                    "--vocab", str(vocab)], pf)
+        try:
+            results.append(asyncio.run(drive("null", port, model, args.sessions, args.steps, vocab)))
+        finally:
+            stop_process(proc)
+        pf = Path(tmp) / "serve.json"
+        env = {**os.environ, "RNNSERVE_LOG_LEVEL": "WARNING"}
+        proc, port = start_process([sys.executable, "-m", "server.main", "--models", str(args.models),
+                                    "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
+                                    "--port-file", str(pf)], pf, env)
+        try:
+            for kind in ("kserve", "native"):
+                results.append(asyncio.run(drive(kind, port, model, args.sessions, args.steps, vocab)))
+        finally:
+            stop_process(proc)
+    print(f"model {model} (vocab {vocab}), {args.sessions} sequences x {args.steps} steps, ping-pong, "
+          f"one stream each, os.cpu_count()={os.cpu_count()}")
+    print(f"{'server':<8} {'steps/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in results:
+        print(f"{r['kind']:<8} {r['steps_per_s']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+    by = {r["kind"]: r for r in results}
+    ratio = by["kserve"]["steps_per_s"] / by["null"]["steps_per_s"]
+    print(f"kserve / null = {ratio:.2f} (goal >= 0.70); "
+          f"kserve / native = {by['kserve']['steps_per_s'] / by['native']['steps_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
