@@ -52,12 +52,12 @@ def read_sequence(request: Any) -> Sequence:
     if not params:
         return Sequence(None, False, False)
     seq_id = _param(params["sequence_id"]) if "sequence_id" in params else None
-    if isinstance(seq_id, bool) or isinstance(seq_id, float):
+    if isinstance(seq_id, (bool, float)):
         raise invalid(f"parameter sequence_id must be an int64 or a string, got {seq_id!r}")
     flags = {}
     for key in ("sequence_start", "sequence_end"):
         value = _param(params[key]) if key in params else False
-        if not isinstance(value, (bool, int)) or isinstance(value, float):
+        if not isinstance(value, (bool, int)):
             raise invalid(f"parameter {key} must be a bool, got {value!r}")
         flags[key] = bool(value)
     if seq_id in (None, 0, ""):

@@ -78,7 +78,7 @@ class Messages:
         return [m.name for m in self.pool.FindServiceByName(SERVICE).methods]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def messages() -> Messages:
     """Load the descriptor set into a fresh private pool (once per process) and build the classes."""
     fds = descriptor_pb2.FileDescriptorSet.FromString(_desc_bytes())
