@@ -1,0 +1,299 @@
+"""Serving benchmark: ping-pong, server-side generation and idle-session memory, each against a ceiling.
+
+Run with `make bench` or `.venv/bin/python bench/serve_bench.py`. Every server runs in its own process on
+127.0.0.1; this process is the load generator (one asyncio loop, one channel per server). Ceilings are
+measured in the same run: a raw-bytes gRPC echo and a do-nothing rnnserve.v1 server for ping-pong,
+onnxruntime's own batched step loop for generation.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ceilings
+import _procs
+import rnnserve.v1.rnnserve_pb2 as pb
+
+from client.aio import AsyncClient
+
+log = logging.getLogger("serve_bench")
+PINGPONG_SESSIONS = (1, 16, 64)
+GENERATE_SESSIONS = (1, 16, 64, 256)
+IDLE_SESSIONS = 10_000
+TOP_K = 5
+
+
+@dataclass
+class Point:
+    """One measured configuration."""
+
+    rate: float  # steps/s or tokens/s
+    lat_ms: list[float] = field(default_factory=list)  # per-step latency or time to first token
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.lat_ms, q)) if self.lat_ms else float("nan")
+
+
+def find_model(repo: Path) -> tuple[str, Path] | None:
+    """The first model (name, version folder) in a repository, preferring an Elman one; None if empty."""
+    found = []
+    for meta in sorted(repo.glob("*/*/model.json")):
+        if meta.parent.name.isdigit():
+            info = json.loads(meta.read_text())
+            found.append((info.get("cell") != "elman", info["name"], meta.parent))
+    return (found[0][1], found[0][2]) if found else None
+
+
+def random_repo(root: Path) -> Path:
+    """A repository holding a random Elman H=512 model over a 65-character vocab, via the real export."""
+    import torch
+
+    from trainer import checkpoint, export
+    from trainer.model import ModelConfig, RNNModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=65, cell="elman", hidden_size=512, layers=1, embed_size=64)
+    model = RNNModel(config)
+    vocab = _ceilings.VOCAB
+    ckpt = checkpoint.save(root / "random.pt", {
+        "config": config.to_dict(), "vocab": vocab, "model": model.state_dict(),
+        "metrics": {"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0}, "train": {}})
+    export.main([str(ckpt), "--repo", str(root / "models"), "--name", "random"])
+    return root / "models"
+
+
+# --- ping-pong ------------------------------------------------------------------------------------------
+
+async def _pingpong_worker(step, deadline: float, lats: list[float]) -> int:
+    n, token = 0, 1
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= deadline:
+            return n
+        token = await step(token)
+        lats.append((time.perf_counter() - t0) * 1e3)
+        n += 1
+
+
+async def pingpong(target: str, model: str, sessions: int, seconds: float, echo: bool) -> Point:
+    """`sessions` concurrent streams, each sending one token and waiting for its top-k before the next."""
+    lats: list[float] = []
+    if echo:
+        channel = grpc.aio.insecure_channel(target)
+        calls = [channel.stream_stream(_ceilings.ECHO_METHOD)() for _ in range(sessions)]
+
+        def stepper(call):
+            async def step(token: int) -> int:
+                req = pb.SessionRequest(request_id=token, feed=pb.Feed(tokens=pb.TokenIds(ids=[token]),
+                                                                       output=pb.OUTPUT_LAST, top_k=TOP_K))
+                await call.write(req.SerializeToString())
+                await call.read()
+                return token % 60 + 1
+            return step
+        steps = [stepper(c) for c in calls]
+        await asyncio.gather(*(s(1) for s in steps))  # connect + warm
+    else:
+        client = AsyncClient(target)
+        opened = await asyncio.gather(*(client.session(model) for _ in range(sessions)))
+
+        def stepper(s):
+            async def step(token: int) -> int:
+                return (await s.feed([token], output="last", top_k=TOP_K)).distributions[0].top_ids[0]
+            return step
+        steps = [stepper(s) for s in opened]
+        await asyncio.gather(*(s(1) for s in steps))
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(_pingpong_worker(s, t0 + seconds, lats) for s in steps))
+    wall = time.perf_counter() - t0
+    if echo:
+        for c in calls:
+            c.cancel()
+        await channel.close()
+    else:
+        await asyncio.gather(*(s.close() for s in opened))
+        await client.close()
+    return Point(sum(counts) / wall, lats)
+
+
+# --- generation -----------------------------------------------------------------------------------------
+
+async def _generate_worker(client: AsyncClient, model: str, deadline: float, max_tokens: int,
+                           ttft: list[float]) -> int:
+    s = await client.session(model)
+    await s.feed("\n", output="none")
+    tokens = 0
+    try:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            first = True
+            async for chunk in s.generate_chunks(max_tokens, temperature=1.0):
+                now = time.perf_counter()
+                if now >= deadline:
+                    return tokens
+                if first:
+                    ttft.append((now - t0) * 1e3)
+                    first = False
+                tokens += len(chunk.tokens)
+        return tokens
+    finally:
+        s.detach()  # cancels a generation still running; the server stops it at once
+
+
+async def generation(target: str, model: str, sessions: int, seconds: float, max_tokens: int) -> Point:
+    """`sessions` concurrent sessions, each generating `max_tokens` at a time until the deadline."""
+    async with AsyncClient(target) as client:
+        ttft: list[float] = []
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(_generate_worker(client, model, t0 + seconds, max_tokens, ttft)
+                                        for _ in range(sessions)))
+        wall = time.perf_counter() - t0
+    return Point(sum(counts) / wall, ttft)
+
+
+def ort_ceiling(model_dir: Path, batch: int, seconds: float) -> float:
+    """onnxruntime's own step rate (tokens/s) at `batch`: a tight loop of model.onnx, state fed back."""
+    import onnxruntime as ort
+
+    meta = json.loads((model_dir / "model.json").read_text())
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, len(meta["vocab"]), size=batch, dtype=np.int64)  # (B,)
+    state = np.tile(np.asarray(meta["initial_state"], np.float32), (batch, 1))  # (B, S)
+    for _ in range(3):
+        _, state = sess.run(None, {"tokens": tokens, "state": state})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, state = sess.run(None, {"tokens": tokens, "state": state})  # logits (B, V), state (B, S)
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+async def idle_memory(server: _procs.ServerProc, model: str, n: int) -> tuple[float, float]:
+    """RSS (MB) of a fresh server before and after opening n idle sessions (unary opens, 64 at a time)."""
+    async with AsyncClient(server.target) as client:
+        warm = await client.session(model)  # warm the model and the stream path before the baseline
+        await warm.feed("ab", output="last", top_k=TOP_K)
+        await warm.close()
+        await asyncio.sleep(0.5)
+        before = server.rss_mb()
+        sem = asyncio.Semaphore(64)
+
+        async def one() -> None:
+            async with sem:
+                await client.open_session(model)
+        await asyncio.gather(*(one() for _ in range(n)))
+        await asyncio.sleep(0.5)
+        return before, server.rss_mb()
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+def _ratio_line(name: str, value: float, ceiling: float, goal: float | None, unit: str) -> tuple[str, bool]:
+    ratio = value / ceiling if ceiling else float("nan")
+    verdict = "info" if goal is None else ("PASS" if ratio >= goal else "MISS")
+    want = "" if goal is None else f">= {goal:.2f}x"
+    return (f"{name:<44} {value:>10,.0f} {unit:<9} {ceiling:>10,.0f} {ratio:>7.2f}x  {want:<9} {verdict}",
+            verdict != "MISS")
+
+
+async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path) -> int:
+    """All three benchmarks, then the summary; returns 1 on a missed goal only with --strict."""
+    print(f"model {model} ({model_dir}), {args.seconds:.1f} s per point\n")
+    servers = {"echo": _procs.start_ceiling("echo"), "nothing": _procs.start_ceiling("nothing"),
+               "rnn-serve": _procs.start_rnn_serve(repo)}
+    pp: dict[tuple[str, int], Point] = {}
+    gen: dict[int, Point] = {}
+    try:
+        print("ping-pong: 1 token in, top-5 distribution out, per session round trip")
+        print(f"{'sessions':>8}  {'server':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10}")
+        for n in PINGPONG_SESSIONS:
+            for name in ("echo", "nothing", "rnn-serve"):
+                srv = servers[name]
+                cpu0 = srv.cpu_s()
+                p = await pingpong(srv.target, "nothing" if name == "nothing" else model, n, args.seconds,
+                                   echo=name == "echo")
+                cpu = (srv.cpu_s() - cpu0) / args.seconds
+                pp[name, n] = p
+                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {cpu:>9.0%}")
+        for name in ("echo", "nothing"):
+            servers.pop(name).stop()
+
+        print("\nserver-side generation: tokens/s and time to first token; ceiling = onnxruntime batched loop")
+        print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7}")
+        ceilings: dict[int, float] = {}
+        srv = servers["rnn-serve"]
+        for n in GENERATE_SESSIONS:
+            p = gen[n] = await generation(srv.target, model, n, args.seconds, args.max_tokens)
+            ceilings[n] = ort_ceiling(model_dir, n, min(args.seconds, 1.5))
+            print(f"{n:>8}  {p.rate:>10,.0f} {p.pct(50):>8.1f}ms {p.pct(99):>8.1f}ms {ceilings[n]:>13,.0f} "
+                  f"{p.rate / ceilings[n]:>6.2f}x")
+        servers.pop("rnn-serve").stop()
+
+        print(f"\nmemory: {IDLE_SESSIONS:,} idle sessions on a fresh server")
+        servers["rnn-serve"] = fresh = _procs.start_rnn_serve(repo)
+        t0 = time.perf_counter()
+        before, after = await idle_memory(fresh, model, IDLE_SESSIONS)
+        print(f"RSS {before:.1f} MB -> {after:.1f} MB with {IDLE_SESSIONS:,} sessions "
+              f"({after - before:+.1f} MB, {(after - before) * 1024 * 1024 / IDLE_SESSIONS:,.0f} B/session; "
+              f"opened in {time.perf_counter() - t0:.1f} s)")
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+    print("\nsummary" + " " * 38 + "   measured             ceiling   ratio  goal      result")
+    lines = [
+        _ratio_line("ping-pong @64 vs do-nothing server", pp["rnn-serve", 64].rate, pp["nothing", 64].rate,
+                    0.7, "steps/s"),
+        _ratio_line("ping-pong @64 vs raw echo", pp["rnn-serve", 64].rate, pp["echo", 64].rate, None, "steps/s"),
+        _ratio_line("ping-pong @1 vs do-nothing server", pp["rnn-serve", 1].rate, pp["nothing", 1].rate, None,
+                    "steps/s"),
+        _ratio_line("generation @64 vs onnxruntime batch 64", gen[64].rate, ceilings[64], 0.25, "tokens/s"),
+        _ratio_line("generation @256 vs onnxruntime batch 256", gen[256].rate, ceilings[256], None, "tokens/s"),
+    ]
+    mem = after - before
+    mem_ok = mem <= 50.0
+    mem_text = (f"{'idle memory, 10,000 sessions':<44} {mem:>10.1f} {'MB':<9} {'':>10} {'':>8}  "
+                f"{'<= 50 MB':<9} {'PASS' if mem_ok else 'MISS'}")
+    lines.append((mem_text, mem_ok))
+    for text, _ in lines:
+        print(text)
+    return 1 if args.strict and not all(ok for _, ok in lines) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: pick (or make) a model repository and run everything."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=_procs.ROOT / "models",
+                        help="model repository (default models/; a random Elman H=512 one if it is empty)")
+    parser.add_argument("--seconds", type=float, default=2.5, help="duration of each measured point")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per generate request")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        repo = args.models
+        found = find_model(repo) if repo.is_dir() else None
+        if found is None:
+            print(f"no model in {repo}: exporting a random Elman H=512, vocab 65 model")
+            repo = random_repo(Path(tmp))
+            found = find_model(repo)
+        model, model_dir = found
+        return asyncio.run(run(args, repo, model, model_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
