@@ -34,6 +34,7 @@ class AsyncSession:
         self._call = call
         self._next_id = 0
         self._ended = False
+        self._open_generation = False  # a generation the caller stopped reading early
         self.session_id = ""
         self.steps = 0
         self.finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
@@ -58,6 +59,8 @@ class AsyncSession:
         if self._ended:
             raise RnnServeError(grpc.StatusCode.FAILED_PRECONDITION, "the session stream is closed",
                                 self.session_id)
+        if self._open_generation:
+            await self._drain()
         self._next_id += 1
         req.request_id = self._next_id
         try:
@@ -68,6 +71,14 @@ class AsyncSession:
         except grpc.aio.UsageError as err:
             self._ended = True
             raise RnnServeError(grpc.StatusCode.UNAVAILABLE, f"stream unusable: {err}", self.session_id) from None
+
+    async def _drain(self) -> None:
+        """Read and drop the rest of a generation the caller abandoned, so answers stay in step."""
+        self._open_generation = False
+        while True:
+            resp = await self._read()
+            if resp.WhichOneof("kind") != "chunk" or resp.chunk.done:
+                return
 
     async def _read(self) -> pb.SessionResponse:
         try:
@@ -101,18 +112,24 @@ class AsyncSession:
         """Sample on the server; yields each GenerateChunk as it arrives (the last has done=True)."""
         msg = generate_message(max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
         await self._send(pb.SessionRequest(generate=msg))
+        self._open_generation = True
         while True:
-            chunk = check(await self._read(), "chunk", self.session_id).chunk
+            try:
+                chunk = check(await self._read(), "chunk", self.session_id).chunk
+            except RnnServeError:
+                self._open_generation = False
+                raise
             self.steps = chunk.steps
             yield chunk
             if chunk.done:
+                self._open_generation = False
                 self.finish_reason = chunk.finish_reason
                 return
 
     async def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                        chunk_tokens: int = 0) -> AsyncIterator[str]:
-        """Sample on the server; yields text chunks as they arrive. Consume it fully before the next call."""
+        """Sample on the server; yields text chunks as they arrive. Stopping early is fine."""
         async for chunk in self.generate_chunks(max_tokens, temperature, top_k, top_p, seed, stop,
                                                 chunk_tokens):
             if chunk.text:
