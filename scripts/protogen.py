@@ -1,7 +1,10 @@
-"""Regenerate the Python protobuf/gRPC stubs beside every .proto under protos/.
+"""Regenerate the Python protobuf/gRPC stubs beside the native protos under protos/rnnserve/,
+and the descriptor set of the Open Inference Protocol protos under protos/inference/.
 
-`make protos` runs this; tests/test_protos.py runs it into a temporary folder and
-compares, so committed stubs can never go stale silently.
+The `inference` protos get no _pb2 modules on purpose: tritonclient registers the same
+full names in protobuf's default pool, so server/kserve_proto.py loads them into a private
+pool from a descriptor set instead. `make protos` runs this; tests compare a fresh run
+against the committed files, so they can never go stale silently.
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 
 
+STUB_PACKAGES = ("rnnserve",)  # protos/<package>/**.proto get _pb2 stubs
+
+
 def proto_files(src: Path = PROTOS) -> list[Path]:
-    """All .proto files under src, relative to it, in a stable order."""
-    return sorted(p.relative_to(src) for p in src.rglob("*.proto"))
+    """The .proto files that get Python stubs, relative to src, in a stable order."""
+    return sorted(p.relative_to(src) for pkg in STUB_PACKAGES for p in (src / pkg).rglob("*.proto"))
 
 
 def generate(out: Path, src: Path = PROTOS) -> list[Path]:
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out != PROTOS and args.out.exists():
         shutil.rmtree(args.out)
     made = generate(args.out)
+    sys.path.insert(0, str(ROOT))
+    from server import kserve_proto
+
+    made.append(kserve_proto.generate(args.out / "inference").relative_to(args.out))
     for p in made:
         print(p)
     return 0
