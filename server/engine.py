@@ -1,0 +1,316 @@
+"""The serving engine: the one facade both servicers (native and KServe v2) call.
+
+Every method raises a server.errors.ServeError subclass for anything the client did wrong
+(its `.code` is the gRPC status to answer with). Sessions, batching and onnxruntime stay behind it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
+
+import numpy as np
+
+from server import providers as prov
+from server.batcher import Batcher, Chunk, GenRow
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from server.repository import ModelVersion, Repository
+from server.sessions import Session, SessionTable
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INITIAL_MODES = ("model", "zeros", "given")
+OUTPUTS = ("none", "last", "all")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What open/resume return."""
+
+    session_id: str
+    model: ModelVersion
+    steps: int
+    resumed: bool
+    idle_timeout_s: float
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    """What feed returns: tokens consumed, logits (n, V) per `output` (None for "none"), total steps."""
+
+    fed: int
+    logits: np.ndarray | None
+    steps: int
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A session's state vector (S,) float32 with its model and step count."""
+
+    session_id: str
+    model: ModelVersion
+    state: np.ndarray
+    steps: int
+
+
+class Generation:
+    """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once."""
+
+    def __init__(self, engine: "Engine", batcher: Batcher, row: GenRow) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self.row = row
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
+        try:
+            while True:
+                chunk = await self.row.queue.get()
+                yield chunk
+                if chunk.done:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop generating now; the session keeps the state reached so far."""
+        self._batcher.cancel(self.row)
+        if not self.finished.done():
+            self.finished.set_result(None)
+        self._engine._generations.discard(self)
+
+
+class Engine:
+    """Owns the repository, the session table and one batcher per loaded model version."""
+
+    def __init__(self, settings: Settings, metrics=None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.table = SessionTable(settings.max_sessions, settings.idle_timeout,
+                                  on_change=(metrics.live_sessions if metrics else None))
+        self.repo: Repository | None = None
+        self.batchers: dict[ModelVersion, Batcher] = {}
+        self.draining = False
+        self.provider = ""
+        self._generations: set[Generation] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Choose the provider, load the repository, start a batcher per version."""
+        providers, why = prov.choose(self.settings.device)
+        self.provider = providers[0]
+        log.info("onnxruntime provider: %s (%s)", self.provider, why)
+        self.repo = Repository(self.settings.models, providers, self.settings.serve_versions)
+        loop = asyncio.get_running_loop()
+        added, _ = await loop.run_in_executor(None, self.repo.scan)
+        for mv in added:
+            self._add(mv)
+        if not self.batchers:
+            log.warning("no serveable model under %s", self.settings.models)
+
+    def _add(self, mv: ModelVersion) -> None:
+        b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,
+                    self.settings.max_wait_ms / 1000.0, self.metrics)
+        b.start()
+        self.batchers[mv] = b
+
+    @property
+    def ready(self) -> bool:
+        """Serving: at least one model loaded and not draining."""
+        return bool(self.batchers) and not self.draining
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new work, let generations finish within `grace` seconds, then cut the rest."""
+        self.draining = True
+        pending = [g.finished for g in self._generations]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for b in self.batchers.values():
+            b.cut_all()
+
+    async def stop(self) -> None:
+        """Stop batchers and timers."""
+        self.table.stop()
+        for b in self.batchers.values():
+            await b.stop()
+
+    # -- models ---------------------------------------------------------------------------------------
+    def list_models(self) -> list[tuple[ModelVersion, bool]]:
+        """Every loaded version with whether it is the latest (the default) of its model."""
+        if self.repo is None:
+            return []
+        return [(mv, self.repo.get(mv.name) is mv) for mv in self.repo.all()]
+
+    def model(self, name: str, version: int = 0) -> ModelVersion:
+        """A loaded model version (0 = latest); NOT_FOUND naming what exists."""
+        mv = self.repo.get(name, version) if self.repo else None
+        if mv is None:
+            if not name:
+                raise InvalidArgument("no model named: set the model name")
+            have = ", ".join(f"{m.name}:{m.version}" for m, _ in self.list_models()) or "none"
+            what = f"model {name!r}" + (f" version {version}" if version else "")
+            raise NotFound(f"{what} is not loaded (loaded: {have})")
+        return mv
+
+    def stats(self, name: str, version: int = 0) -> dict:
+        """The batcher's live numbers for a model version (generating rows, last batch size)."""
+        return self.batchers[self.model(name, version)].stats()
+
+    # -- input checks ---------------------------------------------------------------------------------
+    @staticmethod
+    def encode(mv: ModelVersion, text: str) -> np.ndarray:
+        """Text -> token ids (n,); INVALID_ARGUMENT naming the first character outside the vocabulary."""
+        ids = mv.char_ids
+        try:
+            return np.fromiter((ids[c] for c in text), np.int64, len(text))
+        except KeyError:
+            pos = next(i for i, c in enumerate(text) if c not in ids)
+            raise InvalidArgument(f"character {text[pos]!r} (U+{ord(text[pos]):04X}) at position {pos} is not "
+                                  f"in the vocabulary of {mv.key}") from None
+
+    @staticmethod
+    def check_tokens(mv: ModelVersion, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Token ids -> (n,) int64; INVALID_ARGUMENT naming the first id outside [0, vocab)."""
+        arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        bad = np.nonzero((arr < 0) | (arr >= mv.vocab_size))[0]
+        if len(bad):
+            raise InvalidArgument(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is out of range "
+                                  f"[0, {mv.vocab_size}) for {mv.key}")
+        return arr
+
+    @staticmethod
+    def check_state(mv: ModelVersion, state: Sequence[float] | np.ndarray) -> np.ndarray:
+        """A state vector -> (S,) float32; INVALID_ARGUMENT on a wrong length or non-finite values."""
+        arr = np.asarray(state, dtype=np.float32).reshape(-1)
+        if arr.shape[0] != mv.state_size:
+            raise InvalidArgument(f"state has length {arr.shape[0]}, {mv.key} needs {mv.state_size}")
+        if not np.isfinite(arr).all():
+            raise InvalidArgument("state contains NaN or infinite values")
+        return arr
+
+    def _start_state(self, mv: ModelVersion, initial: str, state) -> np.ndarray:
+        if initial == "model":
+            return mv.initial_state
+        if initial == "zeros":
+            return np.zeros(mv.state_size, np.float32)
+        if initial == "given":
+            return self.check_state(mv, state if state is not None else [])
+        raise InvalidArgument(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
+
+    def _accepting(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down and takes no new work")
+
+    def _claim(self, sid: str) -> Session:
+        s = self.table.get(sid)
+        if s.busy:
+            raise FailedPrecondition(f"session {sid} is busy with another request (a feed or a generation)")
+        return s
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def open(self, name: str, version: int = 0, initial: str = "model",
+             state: Sequence[float] | np.ndarray | None = None) -> SessionInfo:
+        """Open a new session on a model (version 0 = latest) from its own, zero or a given state."""
+        self._accepting()
+        mv = self.model(name, version)
+        start = self._start_state(mv, initial, state)
+        s = self.table.create(mv, start)
+        return SessionInfo(s.id, mv, 0, False, self.settings.idle_timeout)
+
+    def resume(self, session_id: str) -> SessionInfo:
+        """Find a live session by id (NOT_FOUND says unknown, closed or expired)."""
+        self._accepting()
+        s = self.table.get(session_id)
+        return SessionInfo(s.id, s.model, s.steps, True, self.settings.idle_timeout)
+
+    def session_model(self, session_id: str) -> ModelVersion:
+        """The model version a live session runs on."""
+        return self.table.get(session_id).model
+
+    async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
+                   output: str = "last") -> FeedResult:
+        """Push text or token ids through a session (1 token: batched step; more: sequence.onnx)."""
+        self._accepting()
+        if output not in OUTPUTS:
+            raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
+        s = self._claim(session_id)
+        mv = s.model
+        ids = self.encode(mv, tokens) if isinstance(tokens, str) else self.check_tokens(mv, tokens)
+        if len(ids) == 0:
+            raise InvalidArgument("feed has no tokens: send text or token ids")
+        s.busy = True
+        logits = await asyncio.shield(self.batchers[mv].feed(s, ids, output))
+        return FeedResult(len(ids), logits, s.steps)
+
+    async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
+                    state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
+        info = self.open(name, version, "model" if state is None else "given", state)
+        try:
+            out = await self.feed(info.session_id, tokens, "all")
+            return out.logits, self.get_state(info.session_id).state
+        finally:
+            self.close(info.session_id)
+
+    async def generate(self, session_id: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
+                       chunk_tokens: int = 0) -> Generation:
+        """Start sampling in the batcher; iterate the result for chunks (validation errors raise here)."""
+        self._accepting()
+        lim = self.settings.max_generate_tokens
+        if max_tokens <= 0:
+            raise InvalidArgument("max_tokens must be > 0")
+        if max_tokens > lim:
+            raise InvalidArgument(f"max_tokens {max_tokens} exceeds this server's limit of {lim} "
+                                  "(--max-generate-tokens)")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
+        if not math.isfinite(top_p) or not 0 <= top_p <= 1:
+            raise InvalidArgument(f"top_p must be in [0, 1], got {top_p}")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+        if any(not st for st in stop):
+            raise InvalidArgument("stop strings must not be empty")
+        s = self._claim(session_id)
+        if not s.has_logits:
+            raise FailedPrecondition(f"session {session_id} has no distribution to sample from yet: "
+                                     "feed at least one token first")
+        row = GenRow(session=s, max_tokens=max_tokens, temperature=float(temperature), top_k=int(top_k),
+                     top_p=float(top_p), rng=np.random.default_rng(seed), stops=tuple(stop),
+                     chunk_tokens=chunk_tokens or self.settings.chunk_tokens,
+                     maxstop=max((len(x) for x in stop), default=0))
+        s.busy = True
+        b = self.batchers[s.model]
+        gen = Generation(self, b, row)
+        self._generations.add(gen)
+        b.generate(row)
+        return gen
+
+    def reset(self, session_id: str, initial: str = "model",
+              state: Sequence[float] | np.ndarray | None = None) -> int:
+        """Restart a session from its model's, zero or a given state; forgets the last logits."""
+        s = self._claim(session_id)
+        s.set_state(self._start_state(s.model, initial, state))
+        s.steps = 0
+        return 0
+
+    def close(self, session_id: str) -> str:
+        """Close a session (its row is freed; the id answers NOT_FOUND 'was closed' afterwards)."""
+        return self.table.close(session_id).id
+
+    def get_state(self, session_id: str) -> StateView:
+        """A copy of a session's state vector."""
+        s = self.table.get(session_id)
+        return StateView(s.id, s.model, s.state, s.steps)
+
+    def set_state(self, session_id: str, state: Sequence[float] | np.ndarray) -> StateView:
+        """Overwrite a session's state (import / migrate); its last logits are cleared."""
+        s = self._claim(session_id)
+        s.set_state(self.check_state(s.model, state))
+        return StateView(s.id, s.model, s.state, s.steps)

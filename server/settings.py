@@ -1,0 +1,112 @@
+"""Server settings: parsed once from flags (each with an env var) into a frozen dataclass."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+ENV_PREFIX = "RNNSERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads from its command line or environment."""
+
+    models: Path = Path("models")
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int = 8002  # 0 = ephemeral, -1 = off
+    port_file: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    max_batch: int = 256
+    max_wait_ms: float = 0.0  # 0: batch what piled up while the previous call ran
+    max_sessions: int = 100_000
+    idle_timeout: float = 1800.0  # seconds, 0 = never
+    max_generate_tokens: int = 4096
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace: float = 10.0
+    poll_interval: float = 2.0  # 0 = do not watch the repository
+    serve_versions: int = 1  # 0 = all
+    chunk_tokens: int = 16
+    log_level: str = "INFO"
+
+
+# flag, dest, type, help
+_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--models", "models", Path, "model repository folder"),
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "gRPC port (0 = ephemeral)"),
+    ("--metrics-port", "metrics_port", int, "Prometheus HTTP port (0 = ephemeral, -1 = off)"),
+    ("--port-file", "port_file", Path, "write {\"port\", \"metrics_port\"} JSON here once serving"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+    ("--max-batch", "max_batch", int, "largest batch of one onnxruntime call"),
+    ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (ms)"),
+    ("--max-sessions", "max_sessions", int, "cap on live sessions"),
+    ("--idle-timeout", "idle_timeout", float, "seconds before an idle session expires (0 = never)"),
+    ("--max-generate-tokens", "max_generate_tokens", int, "largest max_tokens of one generate"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest request message"),
+    ("--grace", "grace", float, "seconds to finish in-flight work on shutdown"),
+    ("--poll-interval", "poll_interval", float, "seconds between repository scans (0 = off)"),
+    ("--serve-versions", "serve_versions", str, "'all' or N = latest N versions per model"),
+    ("--chunk-tokens", "chunk_tokens", int, "default tokens per streamed generation chunk"),
+    ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
+]
+
+
+def _env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def _versions(value: str) -> int:
+    """'all' -> 0, N -> N (>= 1)."""
+    if str(value).strip().lower() == "all":
+        return 0
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"--serve-versions must be 'all' or >= 1, got {value!r}")
+    return n
+
+
+def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Flags override env vars (RNNSERVE_<NAME>), which override the defaults."""
+    defaults = Settings()
+    ap = argparse.ArgumentParser(prog="rnn-serve", description="Serve recurrent models over gRPC.")
+    for flag, dest, typ, help_ in _FLAGS:
+        env = _env_name(dest)
+        default = getattr(defaults, dest)
+        if dest == "serve_versions":
+            default = "all" if default == 0 else str(default)
+        ap.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_} (env {env}; default {default})")
+    ns = ap.parse_args(list(argv) if argv is not None else None)
+    values: dict[str, object] = {}
+    for _flag, dest, typ, _help in _FLAGS:
+        raw = getattr(ns, dest)
+        if raw is None and _env_name(dest) in environ and environ[_env_name(dest)] != "":
+            try:
+                raw = typ(environ[_env_name(dest)])
+            except ValueError as e:
+                ap.error(f"{_env_name(dest)}={environ[_env_name(dest)]!r}: {e}")
+        if raw is None:
+            continue
+        if dest == "serve_versions":
+            try:
+                raw = _versions(raw)
+            except ValueError as e:
+                ap.error(str(e))
+        values[dest] = raw
+    s = Settings(**values)  # type: ignore[arg-type]
+    problems = []
+    if s.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
+    for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens"):
+        if getattr(s, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval"):
+        if getattr(s, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if s.metrics_port < -1:
+        problems.append(f"--metrics-port must be -1, 0 or a port, got {s.metrics_port}")
+    if problems:
+        ap.error("; ".join(problems))
+    return s
