@@ -1,0 +1,100 @@
+"""Builds the grpc.aio server: native servicer, health, reflection, metrics, extra servicers."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from server.engine import Engine
+from server.metrics import Metrics
+from server.servicer import RnnServeServicer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# An extra servicer: called with (grpc.aio.Server, Engine); returns the full service names it added.
+Registrar = Callable[[grpc.aio.Server, Engine], list[str]]
+_EXTRA: list[Registrar] = []
+
+
+def register_servicer(registrar: Registrar) -> None:
+    """Add a servicer to every server built from now on (the KServe v2 servicer uses this)."""
+    if registrar not in _EXTRA:
+        _EXTRA.append(registrar)
+
+
+class App:
+    """One running server: engine, grpc.aio server, health, metrics endpoint."""
+
+    def __init__(self, settings: Settings, extra: list[Registrar] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = Engine(settings, self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.extra = list(_EXTRA) + list(extra or [])
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = -1
+        self.services: list[str] = []
+
+    async def start(self) -> None:
+        """Load models, bind ports, start serving, mark health SERVING, write the port file."""
+        s = self.settings
+        await self.engine.start()
+        opts = [("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),
+                ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=opts)
+        pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [pb.DESCRIPTOR.services_by_name["RnnServe"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        for registrar in self.extra:
+            names.extend(registrar(self.server, self.engine))
+        self.services = names
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {s.host}:{s.port}")
+        await self.server.start()
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        await self._set_health(self.engine.ready)
+        log.info("serving on %s:%d (metrics %s), models: %s", s.host, self.port,
+                 self.metrics_port if self.metrics_port >= 0 else "off",
+                 ", ".join(mv.key for mv, _ in self.engine.list_models()) or "none")
+        if s.port_file:
+            write_port_file(s.port_file, self.port, self.metrics_port)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.services]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, let generations end within grace, then stop the server."""
+        grace = self.settings.grace if grace is None else grace
+        await self._set_health(False)
+        if self.server is not None:
+            await self.engine.drain(grace)
+            await self.server.stop(grace)
+        await self.engine.stop()
+        self.metrics.close()
+        log.info("stopped")
+
+
+def write_port_file(path: Path, port: int, metrics_port: int) -> None:
+    """Write {"port", "metrics_port"} atomically (temp file then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    os.replace(tmp, path)

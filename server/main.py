@@ -1,0 +1,44 @@
+"""`rnn-serve`: parse settings, start the server, drain and exit 0 on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from server.app import App
+from server.settings import Settings, parse
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain within the grace period."""
+    app = App(settings)
+    try:
+        await app.start()
+    except (OSError, RuntimeError) as e:
+        log.error("cannot start: %s", e)
+        await app.engine.stop()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %g s)", settings.grace)
+    await app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script entry point."""
+    settings = parse(argv, os.environ)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

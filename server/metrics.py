@@ -1,0 +1,58 @@
+"""Prometheus metrics on a per-server registry (tests run several servers in one process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """The server's counters, gauges and histograms, and the HTTP endpoint that exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("rnnserve_live_sessions", "Live sessions", registry=r)
+        self.gen_rows = Gauge("rnnserve_generating_sessions", "Sessions generating now", ["model"], registry=r)
+        self.steps = Counter("rnnserve_steps", "Tokens pushed through models", ["model"], registry=r)
+        self.tokens = Counter("rnnserve_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.batch = Histogram("rnnserve_batch_size", "Rows per onnxruntime step call", ["model"],
+                               buckets=BATCH_BUCKETS, registry=r)
+        self.latency = Histogram("rnnserve_step_latency_seconds", "Seconds per batched onnxruntime call",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("rnnserve_errors", "Errors answered, by gRPC status code", ["code"], registry=r)
+        self.http = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (port 0 = ephemeral); returns the bound port."""
+        self.http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self.http.server_port
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint."""
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+            self.http = None
+
+    def live_sessions(self, n: int) -> None:
+        """Set the live session gauge."""
+        self.sessions.set(n)
+
+    def generating(self, model: str, n: int) -> None:
+        """Set the generating rows gauge of a model version."""
+        self.gen_rows.labels(model).set(n)
+
+    def observe_batch(self, model: str, rows: int, seconds: float, steps: int, generated: int) -> None:
+        """Record one batcher iteration."""
+        if rows:
+            self.batch.labels(model).observe(rows)
+        self.latency.labels(model).observe(seconds)
+        self.steps.labels(model).inc(steps)
+        if generated:
+            self.tokens.labels(model).inc(generated)
+
+    def error(self, code_name: str) -> None:
+        """Count an error answered with this status code name."""
+        self.errors.labels(code_name).inc()

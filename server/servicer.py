@@ -1,0 +1,195 @@
+"""The native rnnserve.v1 servicer: translates messages to engine calls and ServeErrors to status codes."""
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from server.engine import Engine, FeedResult
+from server.errors import FailedPrecondition, InvalidArgument, ServeError
+from server.repository import ModelVersion
+
+log = logging.getLogger(__name__)
+
+_INITIAL = {pb.INITIAL_STATE_MODEL: "model", pb.INITIAL_STATE_ZEROS: "zeros", pb.INITIAL_STATE_GIVEN: "given"}
+_OUTPUT = {pb.OUTPUT_NONE: "none", pb.OUTPUT_LAST: "last", pb.OUTPUT_ALL: "all"}
+_FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
+           "cancelled": pb.FINISH_REASON_CANCELLED}
+
+
+def model_info(mv: ModelVersion, latest: bool) -> pb.ModelInfo:
+    """ModelInfo of a loaded version."""
+    m = mv.meta
+    metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    return pb.ModelInfo(name=mv.name, version=mv.version, cell=m.get("cell", ""), vocab=mv.vocab,
+                        hidden_size=int(m.get("hidden_size") or 0), state_size=mv.state_size,
+                        layers=int(m.get("layers") or 0), metrics=metrics, latest=latest)
+
+
+def distributions(logits: np.ndarray | None, top_k: int, want_logits: bool) -> list[pb.Distribution]:
+    """(n, V) logits -> one Distribution each: top-k ids/probabilities and/or the raw logits."""
+    if logits is None:
+        return []
+    if not top_k and not want_logits:
+        want_logits = True  # asked for a distribution but said nothing about its form: the full logits
+    out = []
+    k = min(int(top_k), logits.shape[1])
+    if k:
+        z = logits - logits.max(axis=1, keepdims=True)  # (n, V)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        top = np.argsort(-p, axis=1, kind="stable")[:, :k]  # (n, k)
+    for i in range(logits.shape[0]):
+        d = pb.Distribution()
+        if k:
+            d.top_ids.extend(top[i].tolist())
+            d.top_probs.extend(p[i, top[i]].tolist())
+        if want_logits:
+            d.logits.extend(logits[i].tolist())
+        out.append(d)
+    return out
+
+
+class RnnServeServicer(pb_grpc.RnnServeServicer):
+    """rnnserve.v1.RnnServe on top of the engine."""
+
+    def __init__(self, engine: Engine, metrics=None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def _count(self, e: ServeError) -> None:
+        if self.metrics is not None:
+            self.metrics.error(e.code.name)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: ServeError) -> None:
+        self._count(e)
+        await context.abort(e.code, e.message)
+
+    def _opened(self, info, req_open: bool) -> pb.Opened:
+        return pb.Opened(session_id=info.session_id, model=model_info(info.model, self._latest(info.model)),
+                         steps=info.steps, resumed=info.resumed, idle_timeout_s=int(info.idle_timeout_s))
+
+    def _latest(self, mv: ModelVersion) -> bool:
+        return self.engine.repo is not None and self.engine.repo.get(mv.name) is mv
+
+    def _open(self, o: pb.Open):
+        if o.initial not in _INITIAL:
+            raise InvalidArgument(f"unknown initial state mode {o.initial}")
+        state = list(o.state) if o.initial == pb.INITIAL_STATE_GIVEN else None
+        return self.engine.open(o.model.name, o.model.version, _INITIAL[o.initial], state)
+
+    async def _feed(self, sid: str, f: pb.Feed) -> pb.FeedResult:
+        if f.output not in _OUTPUT:
+            raise InvalidArgument(f"unknown output mode {f.output}")
+        which = f.WhichOneof("input")
+        if which is None:
+            raise InvalidArgument("feed has no input: set text or tokens")
+        data = f.text if which == "text" else list(f.tokens.ids)
+        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output])
+        return pb.FeedResult(fed=res.fed, steps=res.steps,
+                             distributions=distributions(res.logits, f.top_k, f.logits))
+
+    # -- the session stream ---------------------------------------------------------------------------
+    async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
+        """One stream: open/resume, then feed/generate/reset/close; errors answer in-stream."""
+        sid = ""
+        async for req in request_iterator:
+            rid = req.request_id
+            kind = req.WhichOneof("kind")
+            try:
+                if kind == "open":
+                    info = self._open(req.open)
+                    sid = info.session_id
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info, True))
+                elif kind == "resume":
+                    info = self.engine.resume(req.resume.session_id)
+                    sid = info.session_id
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info, False))
+                elif kind is None:
+                    raise InvalidArgument("empty request: set one of open, resume, feed, generate, reset, close")
+                elif not sid:
+                    raise FailedPrecondition(f"no session on this stream yet: the first message must be open "
+                                             f"or resume, got {kind}")
+                elif kind == "feed":
+                    fed = await self._feed(sid, req.feed)
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, fed=fed)
+                elif kind == "generate":
+                    async for resp in self._generate(sid, rid, req.generate):
+                        yield resp
+                elif kind == "reset":
+                    r = req.reset
+                    if r.initial not in _INITIAL:
+                        raise InvalidArgument(f"unknown initial state mode {r.initial}")
+                    steps = self.engine.reset(sid, _INITIAL[r.initial],
+                                              list(r.state) if r.initial == pb.INITIAL_STATE_GIVEN else None)
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, reset=pb.ResetDone(steps=steps))
+                elif kind == "close":
+                    self.engine.close(sid)
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, closed=pb.Closed(session_id=sid))
+                    sid = ""
+            except ServeError as e:
+                self._count(e)
+                yield pb.SessionResponse(session_id=sid, request_id=rid,
+                                         error=pb.Error(code=e.code.value[0], message=e.message))
+
+    async def _generate(self, sid: str, rid: int, g: pb.Generate) -> AsyncIterator[pb.SessionResponse]:
+        gen = await self.engine.generate(sid, g.max_tokens, g.temperature, g.top_k, g.top_p,
+                                         g.seed if g.HasField("seed") else None, list(g.stop), g.chunk_tokens)
+        try:
+            async for c in gen:
+                chunk = pb.GenerateChunk(text=c.text, tokens=c.tokens, done=c.done,
+                                         finish_reason=_FINISH.get(c.reason, pb.FINISH_REASON_UNSPECIFIED),
+                                         steps=gen.row.session.steps)
+                yield pb.SessionResponse(session_id=sid, request_id=rid, chunk=chunk)
+        finally:
+            gen.cancel()  # client gone or stream broken: the row leaves the batch now
+
+    # -- unary ----------------------------------------------------------------------------------------
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.Opened:
+        """Open a session without a stream."""
+        try:
+            return self._opened(self._open(request.open), True)
+        except ServeError as e:
+            await self._abort(context, e)
+
+    async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        """One feed on a session by id."""
+        try:
+            fed = await self._feed(request.session_id, request.feed)
+            return pb.StepResponse(session_id=request.session_id, result=fed)
+        except ServeError as e:
+            await self._abort(context, e)
+
+    def _state(self, v) -> pb.StateResponse:
+        return pb.StateResponse(session_id=v.session_id, model=pb.ModelRef(name=v.model.name,
+                                version=v.model.version), state=v.state.tolist(), steps=v.steps)
+
+    async def GetState(self, request: pb.GetStateRequest, context) -> pb.StateResponse:
+        """Export a session's state vector."""
+        try:
+            return self._state(self.engine.get_state(request.session_id))
+        except ServeError as e:
+            await self._abort(context, e)
+
+    async def SetState(self, request: pb.SetStateRequest, context) -> pb.StateResponse:
+        """Import a state vector into a session."""
+        try:
+            return self._state(self.engine.set_state(request.session_id, list(request.state)))
+        except ServeError as e:
+            await self._abort(context, e)
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.Closed:
+        """Close a session by id."""
+        try:
+            return pb.Closed(session_id=self.engine.close(request.session_id))
+        except ServeError as e:
+            await self._abort(context, e)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        """Every loaded version with its metadata."""
+        return pb.ListModelsResponse(models=[model_info(mv, latest) for mv, latest in self.engine.list_models()])
