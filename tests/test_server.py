@@ -1,0 +1,319 @@
+"""The native server in-process on 127.0.0.1 port 0: real grpc.aio, real onnxruntime, the tiny repository."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import urllib.request
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from server.app import App
+from server.sampling import sample
+from server.settings import Settings
+
+IA, NF, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@asynccontextmanager
+async def serving(repo: Path, **kw):
+    """An App on an ephemeral port with a channel and stub to it."""
+    s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0), **kw)
+    app = App(s)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            yield app, ch, pb_grpc.RnnServeStub(ch)
+    finally:
+        await app.stop(0.5)
+
+
+class Stream:
+    """One Session stream driven request by request."""
+
+    def __init__(self, stub: pb_grpc.RnnServeStub) -> None:
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.call = stub.Session(self._reqs())
+        self.rid = 0
+        self.sid = ""
+
+    async def _reqs(self):
+        while (r := await self.q.get()) is not None:
+            yield r
+
+    async def send(self, **kind) -> pb.SessionResponse:
+        """Send one request and read its first answer."""
+        self.rid += 1
+        await self.q.put(pb.SessionRequest(request_id=self.rid, **kind))
+        resp = await self.call.read()
+        assert resp.request_id == self.rid
+        if resp.WhichOneof("kind") == "opened":
+            self.sid = resp.session_id
+        return resp
+
+    async def generate(self, **g) -> tuple[list[int], list[pb.SessionResponse]]:
+        """Run a generation to its last chunk."""
+        first = await self.send(generate=pb.Generate(**g))
+        chunks = [first]
+        while chunks[-1].WhichOneof("kind") == "chunk" and not chunks[-1].chunk.done:
+            chunks.append(await self.call.read())
+        return [t for c in chunks for t in c.chunk.tokens], chunks
+
+    async def end(self) -> None:
+        await self.q.put(None)
+
+
+class Reference:
+    """A plain loop of model.onnx, one session alone."""
+
+    def __init__(self, repo: Path, name: str = "tiny", version: int = 1) -> None:
+        d = repo / name / str(version)
+        self.meta = json.loads((d / "model.json").read_text())
+        self.sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.state = np.asarray(self.meta["initial_state"], np.float32)[None]  # (1, S)
+        self.logits = None
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        out = []
+        for t in ids:
+            self.logits, self.state = self.sess.run(None, {"tokens": np.array([t]), "state": self.state})
+            out.append(self.logits[0])
+        return np.stack(out)  # (n, V)
+
+    def generate(self, n: int, temperature: float, top_k: int, top_p: float, seed: int) -> list[int]:
+        rng, toks = np.random.default_rng(seed), []
+        for _ in range(n):
+            t = int(sample(self.logits, np.array([temperature]), np.array([top_k]), np.array([top_p]),
+                           np.array([rng.random()]))[0])
+            toks.append(t)
+            self.feed([t])
+        return toks
+
+
+def logits_of(resp: pb.SessionResponse) -> np.ndarray:
+    return np.array([d.logits for d in resp.fed.distributions], np.float32)
+
+
+def test_no_state_crossover_under_random_interleaving(tiny_repo: Path) -> None:
+    vocab = json.loads((tiny_repo / "tiny" / "1" / "model.json").read_text())["vocab"]
+    V = len(vocab)
+
+    async def client(stub, k: int, rng: random.Random) -> None:
+        st, ref = Stream(stub), Reference(tiny_repo)
+        assert (await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))).WhichOneof("kind") == "opened"
+        for _ in range(8):
+            await asyncio.sleep(rng.random() * 0.004)
+            op = rng.choice(["step", "step", "text", "greedy", "sample"])
+            if op == "step" or ref.logits is None:
+                ids = [rng.randrange(V)]
+                r = await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=ids), output=pb.OUTPUT_LAST, logits=True))
+                np.testing.assert_allclose(logits_of(r), ref.feed(ids)[-1:], atol=1e-5)
+            elif op == "text":
+                text = "".join(rng.choice(vocab) for _ in range(rng.randrange(2, 9)))
+                r = await st.send(feed=pb.Feed(text=text, output=pb.OUTPUT_ALL, logits=True))
+                np.testing.assert_allclose(logits_of(r), ref.feed([vocab.index(c) for c in text]), atol=1e-5)
+            else:
+                n, seed = rng.randrange(3, 40), rng.randrange(1 << 30)
+                params = (0.0, 0, 0.0) if op == "greedy" else (0.9, rng.choice([0, 5]), rng.choice([0.0, 0.9]))
+                got, chunks = await st.generate(max_tokens=n, temperature=params[0], top_k=params[1],
+                                                top_p=params[2], seed=seed, chunk_tokens=7)
+                assert got == ref.generate(n, *params, seed), f"client {k} {op}"
+                assert chunks[-1].chunk.finish_reason == pb.FINISH_REASON_LENGTH
+                assert "".join(c.chunk.text for c in chunks) == "".join(vocab[t] for t in got)
+        await st.end()
+
+    async def main() -> None:
+        async with serving(tiny_repo, max_wait_ms=1.0) as (app, _ch, stub):
+            await asyncio.gather(*(client(stub, k, random.Random(k)) for k in range(12)))
+            reg = app.metrics.registry
+            count = reg.get_sample_value("rnnserve_batch_size_count", {"model": "tiny:1"})
+            ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": "tiny:1", "le": "1.0"})
+            assert count > ones, "no step call ever batched more than one session"
+
+    asyncio.run(main())
+
+
+def test_resume_after_disconnect_and_state_round_trip(tiny_repo: Path) -> None:
+    async def main() -> None:
+        async with serving(tiny_repo) as (_app, _ch, stub):
+            ref = Reference(tiny_repo)
+            st = Stream(stub)
+            await st.send(open=pb.Open(model=pb.ModelRef(name="tiny", version=1)))
+            await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[1, 2, 3]), output=pb.OUTPUT_NONE))
+            ref.feed([1, 2, 3])
+            st.call.cancel()  # the client goes away
+            st2 = Stream(stub)
+            r = await st2.send(resume=pb.Resume(session_id=st.sid))
+            assert r.opened.resumed and r.opened.steps == 3 and r.session_id == st.sid
+            r = await st2.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[4]), output=pb.OUTPUT_LAST, logits=True))
+            np.testing.assert_allclose(logits_of(r), ref.feed([4]), atol=1e-5)
+            assert r.fed.steps == 4
+            # get/set state: a fresh session given the exported state continues identically
+            got = await stub.GetState(pb.GetStateRequest(session_id=st.sid))
+            np.testing.assert_allclose(np.array(got.state), ref.state[0], atol=1e-6)
+            other = await stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"),
+                                                                              initial=pb.INITIAL_STATE_ZEROS)))
+            put = await stub.SetState(pb.SetStateRequest(session_id=other.session_id, state=got.state))
+            assert list(put.state) == list(got.state)
+            a = await stub.Step(pb.StepRequest(session_id=other.session_id,
+                                               feed=pb.Feed(text="", tokens=pb.TokenIds(ids=[5]), logits=True,
+                                                            output=pb.OUTPUT_LAST)))
+            np.testing.assert_allclose(np.array(a.result.distributions[0].logits), ref.feed([5])[0], atol=1e-5)
+            await st2.end()
+
+    asyncio.run(main())
+
+
+def test_bad_inputs_get_their_code_and_leave_the_session_unchanged(tiny_repo: Path) -> None:
+    vocab = json.loads((tiny_repo / "tiny" / "1" / "model.json").read_text())["vocab"]
+
+    async def main() -> None:
+        async with serving(tiny_repo, max_generate_tokens=100, max_message_bytes=4096) as (_a, _c, stub):
+            st = Stream(stub)
+            r = await st.send(feed=pb.Feed(text="a"))
+            assert r.error.code == FP.value[0] and "first message must be open" in r.error.message
+            r = await st.send(open=pb.Open(model=pb.ModelRef(name="nope")))
+            assert r.error.code == NF.value[0] and "'nope'" in r.error.message
+            await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
+            r = await st.send(generate=pb.Generate(max_tokens=5))
+            assert r.error.code == FP.value[0] and "feed at least one token" in r.error.message
+            await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[1, 2])))
+            before = (await stub.GetState(pb.GetStateRequest(session_id=st.sid)))
+            bad = [
+                (pb.SessionRequest(feed=pb.Feed(text=vocab[0] + vocab[1] + "\u20ac")), IA, "'\u20ac'"),
+                (pb.SessionRequest(feed=pb.Feed(tokens=pb.TokenIds(ids=[0, 99999]))), IA, "99999"),
+                (pb.SessionRequest(feed=pb.Feed(tokens=pb.TokenIds(ids=[-1]))), IA, "-1"),
+                (pb.SessionRequest(feed=pb.Feed()), IA, "no input"),
+                (pb.SessionRequest(reset=pb.Reset(initial=pb.INITIAL_STATE_GIVEN, state=[0.0] * 3)), IA, "length 3"),
+                (pb.SessionRequest(generate=pb.Generate(max_tokens=101)), IA, "limit of 100"),
+                (pb.SessionRequest(generate=pb.Generate(max_tokens=0)), IA, "max_tokens"),
+                (pb.SessionRequest(generate=pb.Generate(max_tokens=5, temperature=-1)), IA, "temperature"),
+                (pb.SessionRequest(generate=pb.Generate(max_tokens=5, top_p=1.5)), IA, "top_p"),
+                (pb.SessionRequest(), IA, "empty request"),
+            ]
+            for req, code, needle in bad:
+                kind = req.WhichOneof("kind")
+                r = await st.send(**({kind: getattr(req, kind)} if kind else {}))
+                assert r.WhichOneof("kind") == "error" and r.error.code == code.value[0], (needle, r)
+                assert needle in r.error.message, (needle, r.error.message)
+                after = await stub.GetState(pb.GetStateRequest(session_id=st.sid))
+                assert after.state == before.state and after.steps == before.steps, needle
+            # unary calls fail with the status itself
+            for call, req, code in [
+                (stub.SetState, pb.SetStateRequest(session_id=st.sid, state=[1.0]), IA),
+                (stub.Step, pb.StepRequest(session_id=st.sid, feed=pb.Feed(text="\u20ac")), IA),
+                (stub.GetState, pb.GetStateRequest(session_id="no-such-id"), NF),
+                (stub.Step, pb.StepRequest(session_id=st.sid, feed=pb.Feed(text="a" * 5000)), RE),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call(req)
+                assert e.value.code() == code, e.value
+            # the session still works and its state was never touched
+            after = await stub.GetState(pb.GetStateRequest(session_id=st.sid))
+            assert after.state == before.state
+            toks, _ = await st.generate(max_tokens=5)
+            assert len(toks) == 5
+            await st.end()
+
+    asyncio.run(main())
+
+
+def test_closed_expired_unknown_and_the_session_cap(tiny_repo: Path) -> None:
+    async def main() -> None:
+        async with serving(tiny_repo, idle_timeout=0.3, max_sessions=2) as (_a, _c, stub):
+            def op(model="tiny"):
+                return pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name=model)))
+            a = await stub.OpenSession(op())
+            b = await stub.OpenSession(op())
+            assert len({a.session_id, b.session_id}) == 2 and len(a.session_id) >= 22
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.OpenSession(op())
+            assert e.value.code() == RE and "maximum of 2" in e.value.details()
+            await stub.CloseSession(pb.CloseSessionRequest(session_id=a.session_id))
+            for sid, needle in [(a.session_id, "was closed"), ("never-seen", "unknown")]:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.GetState(pb.GetStateRequest(session_id=sid))
+                assert e.value.code() == NF and needle in e.value.details()
+            c = await stub.OpenSession(op())  # a slot was freed
+            for _ in range(3):  # used sessions stay alive
+                await asyncio.sleep(0.15)
+                await stub.GetState(pb.GetStateRequest(session_id=c.session_id))
+            await asyncio.sleep(0.7)
+            for sid in (b.session_id, c.session_id):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.GetState(pb.GetStateRequest(session_id=sid))
+                assert e.value.code() == NF and "expired after 0.3 s idle" in e.value.details()
+            st = Stream(stub)
+            r = await st.send(resume=pb.Resume(session_id=b.session_id))
+            assert r.error.code == NF.value[0] and "expired" in r.error.message
+            await st.end()
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_generation_frees_its_batch_slot(tiny_repo: Path) -> None:
+    async def wait_for(cond, timeout=5.0):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not cond():
+            assert loop.time() < end, "condition not reached"
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        async with serving(tiny_repo) as (app, _c, stub):
+            streams = [Stream(stub) for _ in range(3)]
+            for st in streams:
+                await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
+                await st.send(feed=pb.Feed(text=json.loads((tiny_repo / "tiny/1/model.json").read_text())["vocab"][1]))
+                r = await st.send(generate=pb.Generate(max_tokens=4096, temperature=1.0, chunk_tokens=8))
+                assert r.chunk.tokens
+            await wait_for(lambda: app.engine.stats("tiny")["generating"] == 3)
+            streams[0].call.cancel()
+            await wait_for(lambda: app.engine.stats("tiny")["generating"] == 2)
+            await wait_for(lambda: app.engine.stats("tiny")["last_batch"] == 2)
+            # the cancelled session keeps the state it reached and can go on
+            st = Stream(stub)
+            r = await st.send(resume=pb.Resume(session_id=streams[0].sid))
+            assert 8 < r.opened.steps < 4097
+            toks, _ = await st.generate(max_tokens=3)
+            assert len(toks) == 3
+            for s in streams[1:]:
+                s.call.cancel()
+            await wait_for(lambda: app.engine.stats("tiny")["generating"] == 0)
+            await st.end()
+
+    asyncio.run(main())
+
+
+def test_health_reflection_models_and_metrics(tiny_repo: Path) -> None:
+    async def main() -> None:
+        async with serving(tiny_repo, metrics_port=0) as (app, ch, stub):
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "rnnserve.v1.RnnServe"):
+                r = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert r.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names = set()
+            async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+                names |= {s.name for s in r.list_services_response.service}
+            assert {"rnnserve.v1.RnnServe", "grpc.health.v1.Health"} <= names
+            models = (await stub.ListModels(pb.ListModelsRequest())).models
+            tiny = next(m for m in models if m.name == "tiny")
+            assert tiny.version == 1 and tiny.latest and tiny.state_size > 0 and len(tiny.vocab) > 1
+            await stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"))))
+            body = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics").read().decode())
+            assert "rnnserve_live_sessions 1.0" in body and "rnnserve_batch_size" in body
+
+    asyncio.run(main())
