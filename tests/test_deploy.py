@@ -2,13 +2,18 @@
 through hadolint, and the server image's commands run for real in a fresh torch-free virtualenv."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -150,11 +155,9 @@ def copy_sources(stage: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
 
 
 def server_env_names() -> set[str]:
-    """The RNNSERVE_* names rnn-serve reads: server/settings.py when it exists, else the contract."""
-    settings = ROOT / "server" / "settings.py"
-    if settings.exists():
-        return set(re.findall(r"RNNSERVE_[A-Z_]+", settings.read_text())) - PROBE_ENV
-    return set(CONTRACT_ENV)
+    """The RNNSERVE_* names rnn-serve reads: one per field of server.settings.Settings."""
+    from server import settings
+    return {settings.ENV_PREFIX + f.name.upper() for f in dataclasses.fields(settings.Settings)}
 
 
 def seconds(duration: str) -> float:
@@ -203,14 +206,21 @@ def test_server_service_structure():
 
 
 def test_server_environment_is_the_settings_contract():
-    """Only names rnn-serve (or rnn-health) reads, and every server setting but the port file is set."""
+    """Only names rnn-serve (or rnn-health) reads, every setting but the port file set, all parseable."""
+    from server import settings
     known = server_env_names()
     assert CONTRACT_ENV <= known, f"server/settings.py lacks contract names: {CONTRACT_ENV - known}"
     env = resolved(COMPOSE)["services"]["server"]["environment"]
     names = set(env)
     assert names <= known | PROBE_ENV, f"unknown RNNSERVE_* names: {names - known - PROBE_ENV}"
     assert known - NOT_IN_COMPOSE <= names, f"settings without a compose entry: {known - NOT_IN_COMPOSE - names}"
-    assert all(isinstance(v, str) and v for v in env.values()), env
+    parsed = settings.parse([], env)
+    assert (parsed.models, parsed.port, parsed.metrics_port, parsed.device) == (Path("/models"), 8001, 8002, "cpu")
+    defaults = settings.Settings()
+    same = {"max_batch", "max_wait_ms", "max_sessions", "idle_timeout", "max_generate_tokens",
+            "max_message_bytes", "grace", "poll_interval", "serve_versions", "chunk_tokens", "log_level", "host"}
+    assert {k: getattr(parsed, k) for k in same} == {k: getattr(defaults, k) for k in same}, \
+        "compose defaults drifted from rnn-serve's own"
 
 
 def test_gpu_variant():
@@ -322,3 +332,114 @@ def test_default_models_are_shipped():
     """models/ holds at least one exported version, so the server image serves out of the box."""
     versions = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "models").glob("*/*/model.json"))
     assert versions, "models/ is empty: the server image would start with nothing to serve"
+
+
+# ---- live: the server image's commands, outside a container -----------------------------------------
+
+GENERATE = """
+import json, sys
+from client.lib import Client
+with Client(sys.argv[1]) as c:
+    model = c.list_models()[0]
+    with c.session(model.name) as s:
+        chunks = list(s.generate_chunks(48, temperature=0.8, seed=7, chunk_tokens=8))
+print(json.dumps({"model": model.name, "vocab": list(model.vocab), "chunks": [
+    {"text": ch.text, "tokens": len(ch.tokens), "done": ch.done, "finish": ch.finish_reason} for ch in chunks]}))
+"""
+
+
+def build_context(tmp: Path) -> Path:
+    """The server image's build context as its `build` stage COPYs it, under tmp."""
+    ctx = tmp / "src"
+    for sources, dest in copy_sources(stages(SERVER_DF)["build"]):
+        for src in sources:
+            target = ctx / dest / Path(src).name if dest.endswith("/") or len(sources) > 1 else ctx / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if (ROOT / src).is_dir():
+                shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(ROOT / src, target)
+    return ctx
+
+
+def image_install(ctx: Path, venv: Path) -> None:
+    """Run the build stage's install.sh line against a fresh venv, with the stage's ENV, pip cache kept."""
+    run = next(a for i, a in stages(SERVER_DF)["build"] if i == "RUN" and "install.sh" in a)
+    m = re.search(r"(scripts/install\.sh) (\S+) (\S+)", run)
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"}}
+    env.update(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in stages(SERVER_DF)["build"] if i == "ENV")))
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != Path(sys.executable).parent)
+    r = subprocess.run([str(ctx / m.group(1)), str(venv), m.group(3)], cwd=ctx, env=env, check=False,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float):
+    """Retry `ready()` until it returns a truthy value; fail early with the log if the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        assert proc.poll() is None, f"rnn-serve exited {proc.returncode} before {what}:\n{log.read_text()}"
+        time.sleep(0.2)
+    pytest.fail(f"no {what} within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.mark.timeout(600)
+def test_server_image_commands_live(tmp_path, request):
+    """Install as the image does (no torch), serve with compose's env, probe, stream, SIGTERM -> exit 0."""
+    venv = tmp_path / "venv"
+    image_install(build_context(tmp_path), venv)
+    bin_dir = venv / "bin"
+    torch = subprocess.run([str(bin_dir / "python"), "-c", "import torch"], check=False,
+                           capture_output=True, text=True)
+    assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr, torch.stderr
+
+    models = ROOT / "models"
+    if not list(models.glob("*/*/model.json")):
+        models = request.getfixturevalue("tiny_repo")  # models/ not shipped yet: the fixture repository
+    server = resolved(COMPOSE)["services"]["server"]
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    env.update(server["environment"])
+    port_file = tmp_path / "port.json"
+    env.update(RNNSERVE_MODELS=str(models), RNNSERVE_HOST="127.0.0.1", RNNSERVE_PORT="0",
+               RNNSERVE_METRICS_PORT="0", RNNSERVE_PORT_FILE=str(port_file))
+    entrypoint = json.loads(dict(stages(SERVER_DF)["runtime"])["ENTRYPOINT"])
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(bin_dir / entrypoint[0]), *entrypoint[1:]], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        ports = wait_for("port file", lambda: port_file.exists() and json.loads(port_file.read_text()),
+                         proc, log, 60)
+        env["RNNSERVE_HEALTH_TARGET"] = f"127.0.0.1:{ports['port']}"
+        probe = server["healthcheck"]["test"][1:]
+
+        def healthy():
+            r = subprocess.run(probe, env=env, check=False, capture_output=True, text=True, timeout=30)
+            return r.returncode == 0 and r
+        r = wait_for("SERVING from the healthcheck", healthy, proc, log, 60)
+        assert "SERVING" in r.stdout, r.stdout
+
+        gen = subprocess.run([str(bin_dir / "python"), "-c", GENERATE, env["RNNSERVE_HEALTH_TARGET"]],
+                             env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=60)
+        assert gen.returncode == 0, gen.stderr + log.read_text()
+        out = json.loads(gen.stdout)
+        chunks = out["chunks"]
+        assert len(chunks) > 1 and chunks[-1]["done"] and sum(c["tokens"] for c in chunks) == 48, chunks
+        assert set("".join(c["text"] for c in chunks)) <= set(out["vocab"])
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_port']}/metrics", timeout=10) as resp:
+            assert resp.status == 200 and b"# HELP" in resp.read()
+
+        grace = float(server["environment"]["RNNSERVE_GRACE"])
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=grace + 5)
+        assert rc == 0, log.read_text()
+        assert time.monotonic() - start < grace + 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
