@@ -1,0 +1,94 @@
+"""rnn-serve as a real subprocess (port file, SIGTERM drain), settings parsing, repository checks."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from server.repository import Repository
+from server.settings import Settings, parse
+
+BIN = Path(sys.executable).parent
+
+
+def test_settings_flags_override_env_override_defaults() -> None:
+    assert parse([], {}) == Settings()
+    env = {"RNNSERVE_PORT": "9001", "RNNSERVE_IDLE_TIMEOUT": "0", "RNNSERVE_SERVE_VERSIONS": "all",
+           "RNNSERVE_MODELS": "/srv/m"}
+    s = parse(["--port", "0", "--max-batch", "8"], env)
+    assert (s.port, s.idle_timeout, s.serve_versions, s.models, s.max_batch) == (0, 0.0, 0, Path("/srv/m"), 8)
+    assert parse(["--serve-versions", "3"], {}).serve_versions == 3
+    for bad in (["--device", "tpu"], ["--max-batch", "0"], ["--serve-versions", "0"], ["--grace", "-1"]):
+        with pytest.raises(SystemExit):
+            parse(bad, {})
+    with pytest.raises(SystemExit):
+        parse([], {"RNNSERVE_PORT": "eighty"})
+
+
+def test_a_broken_version_is_skipped_once_with_its_reason(tiny_repo: Path, tmp_path: Path, caplog) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    shutil.copytree(tiny_repo / "tiny" / "1", repo / "tiny" / "2")
+    meta = json.loads((repo / "tiny/2/model.json").read_text())
+    meta["version"] = 2
+    (repo / "tiny/2/model.json").write_text(json.dumps(meta))
+    (repo / "tiny/2/model.onnx").write_bytes(b"\0corrupt" + (repo / "tiny/2/model.onnx").read_bytes()[8:])
+    r = Repository(repo, ["CPUExecutionProvider"], serve_versions=1)
+    with caplog.at_level(logging.ERROR, logger="server.repository"):
+        added, _ = r.scan()
+        r.scan()
+    assert [m.key for m in added] == ["tiny:1"] and r.get("tiny").version == 1
+    errors = [rec.getMessage() for rec in caplog.records]
+    assert len(errors) == 1 and "tiny/2" in errors[0] and "sha256" in errors[0], errors
+
+
+def test_sigterm_drains_a_generation_and_exits_zero(tiny_repo: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "port.json"
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--host", "127.0.0.1",
+                             "--port", "0", "--metrics-port", "-1", "--poll-interval", "0", "--grace", "1",
+                             "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "rnn-serve did not start"
+            time.sleep(0.05)
+        port = json.loads(port_file.read_text())["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RnnServeStub(ch)
+
+            def reqs():
+                yield pb.SessionRequest(request_id=1, open=pb.Open(model=pb.ModelRef(name="tiny")))
+                yield pb.SessionRequest(request_id=2, feed=pb.Feed(tokens=pb.TokenIds(ids=[1])))
+                yield pb.SessionRequest(request_id=3, generate=pb.Generate(max_tokens=4096, temperature=1.0,
+                                                                          chunk_tokens=4))
+                time.sleep(30)  # keep the stream open; the server must end the call itself
+
+            last = None
+            for resp in stub.Session(reqs()):
+                if resp.WhichOneof("kind") == "chunk":
+                    if last is None:
+                        proc.send_signal(signal.SIGTERM)
+                    last = resp
+                    if resp.chunk.done:
+                        break
+        assert last is not None and last.chunk.done
+        assert last.chunk.finish_reason in (pb.FINISH_REASON_CANCELLED, pb.FINISH_REASON_LENGTH)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "server.log").read_text()
+    assert "provider: CPUExecutionProvider" in out and "draining" in out and "Traceback" not in out, out
