@@ -60,7 +60,7 @@ def read(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged file
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an rnnserve checkpoint (expected format {FORMAT!r})")

@@ -34,7 +34,7 @@ class Vocab:
     chars: tuple[str, ...]
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         """The sorted set of characters in text."""
         return cls(tuple(sorted(set(text))))
 

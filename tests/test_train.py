@@ -1,0 +1,147 @@
+"""rnn-train: the loss, clipping, reproducibility, exact resume, outputs and CLI errors (tiny models)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint
+from trainer.data import StreamBatches, split
+from trainer.train import Run, TrainArgs, clip_gradients, main, sequence_loss
+
+TEXT = "".join(f"{w} the quick brown fox {i % 7} jumps over the lazy dog.\n"
+               for i, w in enumerate(["To be", "or not", "to be:", "that is", "the question"] * 12))
+TINY = ["--hidden", "8", "--embed", "4", "--batch", "2", "--seq-len", "8", "--eval-every", "4",
+        "--no-progress", "--threads", "1", "--warmup", "2"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+def train(corpus: Path, out: Path, *extra: str) -> int:
+    return main(["--data", str(corpus), "--out", str(out), *TINY, *extra])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.read(path)["model"]
+
+
+def test_loss_is_the_sum_of_per_step_cross_entropies() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7)
+    targets = torch.randint(0, 7, (3, 5))
+    by_hand = sum(-torch.log_softmax(logits[b, t], -1)[targets[b, t]] for b in range(3) for t in range(5))
+    torch.testing.assert_close(sequence_loss(logits, targets), by_hand)
+    per_step = [F.cross_entropy(logits[:, t], targets[:, t], reduction="sum") for t in range(5)]
+    torch.testing.assert_close(sequence_loss(logits, targets), torch.stack(per_step).sum())
+
+
+def test_clipping_caps_the_norm_and_returns_the_norm_before() -> None:
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert clip_gradients([a, b], 1.0) == pytest.approx(5.0)
+    assert torch.cat([a.grad, b.grad]).norm() == pytest.approx(1.0)
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.0, 0.0]))
+    assert clip_gradients([a, b], 10.0) == pytest.approx(1.0)  # under the cap: untouched
+    assert torch.allclose(b.grad, torch.tensor([0.0, 0.8]))
+    assert clip_gradients([a, b], 0.0) == pytest.approx(1.0)  # <= 0: off, norm still reported
+
+
+def test_train_step_logs_the_pre_clip_norm_of_the_mean_loss(corpus: Path, tmp_path: Path) -> None:
+    args = TrainArgs(data=str(corpus), out=str(tmp_path / "r"), hidden=8, embed=4, batch=2, seq_len=8,
+                     steps=3, clip=1e-3, progress=False)
+    run = Run(args)
+    x, y, _ = run.batches.chunk(0)
+    logits, _ = run.model(x, run.model.initial_state(2))
+    (sequence_loss(logits, y) / y.numel()).backward()
+    expected = torch.cat([p.grad.flatten() for p in run.params]).norm().item()
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    loss, norm = run.train_step()
+    assert norm == pytest.approx(expected, rel=1e-5) and norm > 1e-3  # so the clip was active
+    assert loss == pytest.approx(float(sequence_loss(logits, y).detach()) / y.numel(), rel=1e-6)
+    assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
+def test_seed_reproducible_and_outputs_written(corpus: Path, tmp_path: Path) -> None:
+    assert train(corpus, tmp_path / "a", "--steps", "5", "--seed", "7") == 0
+    assert train(corpus, tmp_path / "b", "--steps", "5", "--seed", "7") == 0
+    assert train(corpus, tmp_path / "c", "--steps", "5", "--seed", "8") == 0
+    wa, wb, wc = (weights(tmp_path / d / "ckpt.pt") for d in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all(r["grad_norm"] > 0 and r["tokens"] == r["step"] * 16 for r in steps)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 5]
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = checkpoint.read(tmp_path / "a" / "ckpt.pt")
+    assert raw["metrics"]["steps"] == 5 and raw["metrics"]["tokens"] == 80
+    assert raw["metrics"]["val_loss"] == rows[-1]["val_loss"]
+    assert raw["vocab"] == sorted(set(TEXT)) and raw["config"]["vocab_size"] == len(set(TEXT))
+    assert {"optimizer", "scheduler", "rng", "position", "args"} <= set(raw["train"])
+    loaded = checkpoint.load(tmp_path / "a" / "ckpt.pt")
+    assert loaded.config.hidden_size == 8 and loaded.metrics["steps"] == 5
+
+
+def test_resume_continues_bit_identically(corpus: Path, tmp_path: Path) -> None:
+    # Two layers with dropout (RNG), a learned initial state, and a corpus short enough that the
+    # 14 steps cross an epoch (11 chunks per epoch), so the state reset is resumed too.
+    corpus.write_text(TEXT[:200], encoding="utf-8")
+    extra = ["--layers", "2", "--dropout", "0.3", "--init-state", "learned", "--steps", "14", "--seed", "3"]
+    assert train(corpus, tmp_path / "straight", *extra) == 0
+    assert train(corpus, tmp_path / "split", *extra, "--stop-at", "6") == 0
+    assert checkpoint.read(tmp_path / "split" / "ckpt.pt")["metrics"]["steps"] == 6
+    assert main(["--resume", str(tmp_path / "split" / "ckpt.pt"), "--no-progress"]) == 0
+    straight, resumed = (checkpoint.read(tmp_path / d / "ckpt.pt") for d in ("straight", "split"))
+    assert resumed["metrics"]["steps"] == 14
+    per_epoch = StreamBatches(split(np.arange(200))[0], 2, 8).chunks_per_epoch
+    assert straight["train"]["position"] == 14 > per_epoch
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert straight["metrics"]["val_loss"] == resumed["metrics"]["val_loss"]
+    losses = [[json.loads(x).get("loss") for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("straight", "split")]
+    assert losses[0] == losses[1]  # the history is continued, not duplicated
+
+
+def test_cli_errors_are_clear(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def err(*argv: str) -> str:
+        assert main([*argv, "--no-progress"]) != 0
+        e = capsys.readouterr().err
+        assert "Traceback" not in e
+        return e
+
+    assert "does not exist" in err("--data", str(tmp_path / "missing.txt"))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert "not valid UTF-8" in err("--data", str(tmp_path / "latin1.txt"))
+    (tmp_path / "short.txt").write_text("abcdefghij")
+    assert "cannot fill" in err("--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "s"))
+    assert "--data is required" in err("--steps", "3")
+    assert "--hidden must be >= 1" in err("--data", str(corpus), "--hidden", "0")
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in err("--data", str(corpus), "--device", "cuda")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "cannot be read" in err("--resume", str(tmp_path / "junk.pt"))
+    assert train(corpus, tmp_path / "r", "--steps", "2") == 0
+    capsys.readouterr()
+    assert "--hidden cannot change on --resume" in err("--resume", str(tmp_path / "r" / "ckpt.pt"),
+                                                       "--hidden", "16", "--steps", "4")
+    assert "already at step 2" in err("--resume", str(tmp_path / "r" / "ckpt.pt"))
+
+
+def test_console_script_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--data", str(tmp_path / "none.txt")],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "rnn-train: error: corpus" in proc.stderr and "Traceback" not in proc.stderr
