@@ -62,6 +62,7 @@ class GenRow:
     buf: list[int] = field(default_factory=list)
     tail: str = ""
     maxstop: int = 0  # longest stop string
+    emitted: bool = False  # a chunk went out already
     cancelled: bool = False
 
 
@@ -282,15 +283,16 @@ class Batcher:
             else:
                 cont.append(r)
                 cont_idx.append(i)
-                if len(r.buf) >= r.chunk_tokens:
+                if len(r.buf) >= (r.chunk_tokens if r.emitted else 1):  # first token at once: low TTFT
                     self._emit(r, done=False)
         if cont:
             self._sample(cont, logits_rows[cont_idx])
 
     def _emit(self, r: GenRow, done: bool, reason: str = "") -> None:
         vocab = self.model.vocab
-        r.queue.put_nowait(Chunk(r.buf, "".join(vocab[t] for t in r.buf), done, reason))
+        r.queue.put_nowait(Chunk(r.buf, "".join([vocab[t] for t in r.buf]), done, reason))
         r.buf = []
+        r.emitted = True
 
     def _finish(self, r: GenRow, reason: str) -> None:
         """End a generation: release the session (now, or after its in-flight step) and send the last chunk."""

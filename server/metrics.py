@@ -23,6 +23,7 @@ class Metrics:
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("rnnserve_errors", "Errors answered, by gRPC status code", ["code"], registry=r)
         self.http = None
+        self._children: dict[str, tuple] = {}
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (port 0 = ephemeral); returns the bound port."""
@@ -46,12 +47,16 @@ class Metrics:
 
     def observe_batch(self, model: str, rows: int, seconds: float, steps: int, generated: int) -> None:
         """Record one batcher iteration."""
+        c = self._children.get(model)
+        if c is None:
+            c = self._children[model] = (self.batch.labels(model), self.latency.labels(model),
+                                         self.steps.labels(model), self.tokens.labels(model))
         if rows:
-            self.batch.labels(model).observe(rows)
-        self.latency.labels(model).observe(seconds)
-        self.steps.labels(model).inc(steps)
+            c[0].observe(rows)
+        c[1].observe(seconds)
+        c[2].inc(steps)
         if generated:
-            self.tokens.labels(model).inc(generated)
+            c[3].inc(generated)
 
     def error(self, code_name: str) -> None:
         """Count an error answered with this status code name."""

@@ -17,7 +17,7 @@ def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p
         return out
     rows = np.nonzero(hot)[0]
     lg = logits[rows].astype(np.float64) / temperature[rows, None]  # (r, V)
-    order = np.argsort(-lg, axis=1, kind="stable")  # (r, V) most probable first
+    order = np.argsort(-lg, axis=1)  # (r, V) most probable first
     srt = np.take_along_axis(lg, order, axis=1)  # (r, V)
     p = np.exp(srt - srt[:, :1])  # (r, V) unnormalised, max first
     k = top_k[rows]

@@ -33,11 +33,15 @@ class StatePool:
 
     def alloc(self) -> int:
         """A free row; the arrays double when full."""
-        if not self.free:
+        if not self.free:  # double; calloc'd pages stay unmapped until rows are used
             cap = len(self.states)
-            self.states = np.concatenate([self.states, np.zeros_like(self.states)])
-            self.logits = np.concatenate([self.logits, np.zeros_like(self.logits)])
-            self.has_logits = np.concatenate([self.has_logits, np.zeros(cap, bool)])
+            states = np.zeros((2 * cap, self.states.shape[1]), np.float32)  # (2C, S)
+            states[:cap] = self.states
+            logits = np.zeros((2 * cap, self.logits.shape[1]), np.float32)  # (2C, V)
+            logits[:cap] = self.logits
+            has = np.zeros(2 * cap, bool)
+            has[:cap] = self.has_logits
+            self.states, self.logits, self.has_logits = states, logits, has
             self.free = list(range(2 * cap - 1, cap - 1, -1))
         self.used += 1
         return self.free.pop()

@@ -28,7 +28,7 @@ class Settings:
     grace: float = 10.0
     poll_interval: float = 2.0  # 0 = do not watch the repository
     serve_versions: int = 1  # 0 = all
-    chunk_tokens: int = 16
+    chunk_tokens: int = 32  # fewer, larger messages: gRPC's per-message cost bounds tokens/s
     log_level: str = "INFO"
 
 

@@ -285,7 +285,7 @@ def test_cancelling_a_generation_frees_its_batch_slot(tiny_repo: Path) -> None:
             # the cancelled session keeps the state it reached and can go on
             st = Stream(stub)
             r = await st.send(resume=pb.Resume(session_id=streams[0].sid))
-            assert 8 < r.opened.steps < 4097
+            assert 1 < r.opened.steps < 4097
             toks, _ = await st.generate(max_tokens=3)
             assert len(toks) == 3
             for s in streams[1:]:

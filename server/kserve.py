@@ -1,0 +1,207 @@
+"""The Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`) on the engine.
+
+Served on the same port as the native protocol, with Triton's sequence extension: request
+parameters `sequence_id` (int64 or string), `sequence_start`, `sequence_end`. A sequence is an
+engine session like any other. Messages come from a private descriptor pool (server.kserve_proto),
+so this module never clashes with tritonclient's stubs in one process.
+
+Register it on an App with `server.app.register_servicer(server.kserve.register)`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from server.engine import Engine
+from server.errors import NotFound, ServeError
+from server.kserve_codec import ProtocolError, fill_response, read_sequence, read_tokens, requested_outputs
+from server.kserve_models import fill_config, fill_metadata, parse_version
+from server.kserve_proto import SERVICE, messages
+from server.kserve_sequences import Sequences, Step
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "rnnserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("sequence", "model_configuration")
+# Response parameter set on the answer to a sequence_start that replaced a live sequence.
+RESTARTED = "sequence_restarted"
+# Response parameter on the answer to a sequence_start: the engine session behind the sequence
+# (usable with the native protocol's GetState/SetState).
+SESSION_ID = "rnnserve_session_id"
+
+
+class KServeServicer:
+    """Handlers of GRPCInferenceService; every inference goes through the engine (batcher, sessions)."""
+
+    def __init__(self, engine: Engine, metrics: Any = None) -> None:
+        self.engine = engine
+        self.metrics = metrics if metrics is not None else getattr(engine, "metrics", None)
+        self.pb = messages()
+        self.sequences = Sequences(engine)
+
+    # -- errors ---------------------------------------------------------------------------------------
+    def _count(self, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.error(code.name)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self._count(code)
+        await context.abort(code, message)
+
+    # -- health and metadata --------------------------------------------------------------------------
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The process answers: live."""
+        return self.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Ready when a model is loaded and the server is not draining."""
+        return self.pb.ServerReadyResponse(ready=self.engine.ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Whether that model (version) is loaded; a malformed version is INVALID_ARGUMENT."""
+        try:
+            version = parse_version(request.version)
+            self.engine.model(request.name, version)
+            ready = not self.engine.draining
+        except NotFound:
+            ready = False
+        except ServeError as e:
+            await self._abort(context, e.code, e.message)
+        return self.pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Name, version and extensions (`sequence` among them)."""
+        return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    def _versions(self, name: str) -> list[int]:
+        return [mv.version for mv, _ in self.engine.list_models() if mv.name == name]
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Versions, platform, inputs and outputs of a model."""
+        try:
+            mv = self.engine.model(request.name, parse_version(request.version))
+        except ServeError as e:
+            await self._abort(context, e.code, e.message)
+        resp = self.pb.ModelMetadataResponse()
+        fill_metadata(resp, mv, self._versions(mv.name))
+        return resp
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's model configuration, with `sequence_batching` set: the model is stateful."""
+        try:
+            mv = self.engine.model(request.name, parse_version(request.version))
+        except ServeError as e:
+            await self._abort(context, e.code, e.message)
+        resp = self.pb.ModelConfigResponse()
+        fill_config(resp.config, mv, self._versions(mv.name), self.engine.settings, self.pb)
+        return resp
+
+    # -- inference ------------------------------------------------------------------------------------
+    async def _infer(self, req: Any) -> Any:
+        """One request -> ModelInferResponse; raises ServeError / ProtocolError for the client."""
+        seq = read_sequence(req)
+        outputs = requested_outputs(req)
+        version = parse_version(req.model_version)
+        want_state = "state" in outputs
+
+        def tokens_of(mv):  # (T,) int64, checked against the model the request lands on
+            return read_tokens(req, mv.vocab_size)
+
+        if seq.id is None:
+            step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
+        else:
+            key = (req.model_name, seq.id)
+            step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
+        return self._response(req, step, outputs)
+
+    def _response(self, req: Any, step: Step, outputs: tuple[str, ...]) -> Any:
+        resp = self.pb.ModelInferResponse(model_name=step.model.name, model_version=str(step.model.version),
+                                          id=req.id)
+        if step.restarted:
+            resp.parameters[RESTARTED].bool_param = True
+        if step.session_id:
+            resp.parameters[SESSION_ID].string_param = step.session_id
+        fill_response(resp, outputs, step.logits, step.state)
+        return resp
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+        try:
+            return await self._infer(request)
+        except (ServeError, ProtocolError) as e:
+            await self._abort(context, e.code, e.message)
+
+    async def _stream_one(self, req: Any) -> Any:
+        """One stream request -> ModelStreamInferResponse; an error goes into error_message."""
+        try:
+            return self.pb.ModelStreamInferResponse(infer_response=await self._infer(req))
+        except (ServeError, ProtocolError) as e:
+            self._count(e.code)
+            text = f"{e.code.name}: {e.message}"
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug of ours: say so, keep the stream
+            log.exception("KServe stream request %r failed", req.id)
+            self._count(grpc.StatusCode.INTERNAL)
+            text = "INTERNAL: the server failed on this request (see its log)"
+        if req.id:
+            text += f" [request id {req.id!r}]"
+        resp = self.pb.ModelStreamInferResponse(error_message=text)
+        resp.infer_response.model_name, resp.infer_response.id = req.model_name, req.id
+        return resp
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Requests run concurrently across sequences, in order within one; answers come as they finish."""
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        def done(t: asyncio.Task) -> None:
+            tasks.discard(t)
+            if not t.cancelled():
+                out.put_nowait(t.result())
+
+        async def reader() -> None:
+            async for req in requests:
+                t = asyncio.ensure_future(self._stream_one(req))
+                tasks.add(t)
+                t.add_done_callback(done)
+            while tasks:
+                await asyncio.wait(list(tasks))
+            out.put_nowait(None)
+
+        read = asyncio.ensure_future(reader())
+        try:
+            while (resp := await out.get()) is not None:
+                yield resp
+            await read  # surfaces a broken request stream
+        finally:
+            read.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+
+def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
+    """A generic handler serving the declared RPCs; the undeclared or unserved ones answer UNIMPLEMENTED."""
+    pb = servicer.pb
+    served = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+              "ModelInfer", "ModelStreamInfer")
+    methods = {}
+    for name in served:
+        req_cls, resp_cls, client_stream, _ = pb.method_types(name)
+        make = grpc.stream_stream_rpc_method_handler if client_stream else grpc.unary_unary_rpc_method_handler
+        methods[name] = make(getattr(servicer, name), request_deserializer=req_cls.FromString,
+                             response_serializer=resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def register(server: grpc.aio.Server, engine: Engine) -> list[str]:
+    """server.app Registrar: add GRPCInferenceService to a grpc.aio server; returns its service name."""
+    server.add_generic_rpc_handlers((handler(KServeServicer(engine)),))
+    return [SERVICE]
+

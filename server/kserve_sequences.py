@@ -1,0 +1,165 @@
+"""Triton sequence (correlation) ids, per model, mapped onto the engine's sessions.
+
+A sequence is an ordinary engine session (same batching, idle timeout and cap as the native
+protocol); this table only remembers which session a (model, sequence id) names, keeps each
+sequence's requests in arrival order, and remembers why an id is gone (ended, expired), so
+a request without START can be told exactly what happened.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.engine import Engine
+from server.errors import InvalidArgument, NotFound
+from server.kserve_codec import Sequence
+from server.repository import ModelVersion
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int | str]  # (model name, sequence id)
+TOMBSTONES = 65536  # how many gone sequence ids we remember, to say why they are gone
+SWEEP_FLOOR = 1024  # look for sessions expired under us once the table doubles past this
+
+
+@dataclass
+class Step:
+    """What one request on a sequence (or a stateless request) produced."""
+
+    model: ModelVersion
+    logits: np.ndarray  # (T, V)
+    state: np.ndarray | None  # (S,) when asked for
+    restarted: bool = False  # START on an id that was live: the old session was closed
+    session_id: str = ""  # the engine session (set on START)
+
+
+def describe(key: Key) -> str:
+    """'sequence id 7 of model "tiny"' (string ids quoted, so 7 and "7" read differently)."""
+    return f"sequence id {key[1]!r} of model {key[0]!r}"
+
+
+class Sequences:
+    """(model, sequence id) -> engine session id, with per-sequence ordering and tombstones."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.live: dict[Key, str] = {}
+        self.gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # why, when (wall clock)
+        self._tails: dict[Key, asyncio.Future] = {}
+        self._sweep_at = SWEEP_FLOOR
+
+    # -- ordering ---------------------------------------------------------------------------------
+    async def run(self, key: Key, seq: Sequence, name: str, version: int, tokens_of, want_state: bool) -> Step:
+        """Run one request of a sequence after the earlier ones of the same sequence (any stream)."""
+        prev = self._tails.get(key)
+        fut = asyncio.get_running_loop().create_future()
+        self._tails[key] = fut
+        try:
+            if prev is not None and not prev.done():
+                await prev
+            return await self._step(key, seq, name, version, tokens_of, want_state)
+        finally:
+            if prev is None or prev.done():
+                fut.set_result(None)
+            else:  # cancelled while waiting: keep the order for those queued behind us
+                prev.add_done_callback(lambda _f: fut.done() or fut.set_result(None))
+            if self._tails.get(key) is fut:
+                del self._tails[key]
+
+    # -- one step -----------------------------------------------------------------------------------
+    async def _step(self, key: Key, seq: Sequence, name: str, version: int, tokens_of,
+                    want_state: bool) -> Step:
+        eng = self.engine
+        restarted = False
+        sid = self.live.get(key)
+        if seq.start:
+            mv = eng.model(name, version)
+            tokens = tokens_of(mv)  # validate before touching the old session
+            if sid is not None:
+                try:
+                    eng.close(sid)
+                    restarted = True
+                    log.info("%s restarted by sequence_start while live (old session closed)", describe(key))
+                except NotFound:
+                    pass  # expired meanwhile: a plain start
+                del self.live[key]
+            sid = eng.open(name, mv.version).session_id
+            self.live[key] = sid
+            self.gone.pop(key, None)
+            if len(self.live) > self._sweep_at:
+                self._sweep()
+        else:
+            if sid is None:
+                raise NotFound(self.why_gone(key))
+            mv = self._session_model(key, sid)
+            if version and version != mv.version:
+                raise InvalidArgument(f"{describe(key)} runs on version {mv.version}; this request asks for "
+                                      f"version {version} (leave model_version empty, or start a new sequence)")
+            tokens = tokens_of(mv)
+        try:
+            out = await eng.feed(sid, tokens, "all")
+        except NotFound as e:  # expired or closed between the lookup and the feed
+            self._forget(key, sid, e)
+            raise NotFound(self.why_gone(key)) from None
+        state = eng.get_state(sid).state if want_state else None
+        if seq.end:
+            eng.close(sid)
+            self.live.pop(key, None)
+            self._bury(key, "was ended by a request with sequence_end")
+        return Step(mv, out.logits, state, restarted, sid if seq.start else "")
+
+    async def stateless(self, name: str, version: int, tokens_of, want_state: bool) -> Step:
+        """A request without a sequence id: from the model's initial state, nothing kept."""
+        mv = self.engine.model(name, version)
+        logits, state = await self.engine.infer(name, mv.version, tokens_of(mv))
+        return Step(mv, logits, state if want_state else None)
+
+    # -- gone ids ------------------------------------------------------------------------------------
+    def _session_model(self, key: Key, sid: str) -> ModelVersion:
+        try:
+            return self.engine.session_model(sid)
+        except NotFound as e:
+            self._forget(key, sid, e)
+            raise NotFound(self.why_gone(key)) from None
+
+    def _forget(self, key: Key, sid: str, e: NotFound) -> None:
+        """The engine no longer has this sequence's session: remember why (its text, minus the session id)."""
+        if self.live.get(key) == sid:
+            del self.live[key]
+        why = e.message
+        for prefix in (f"session {sid} ", f"session {sid!r} "):
+            why = why.removeprefix(prefix)
+        self._bury(key, why)
+
+    def _bury(self, key: Key, why: str) -> None:
+        self.gone[key] = (why, time.time())
+        self.gone.move_to_end(key)
+        while len(self.gone) > TOMBSTONES:
+            self.gone.popitem(last=False)
+
+    def why_gone(self, key: Key) -> str:
+        """The NOT_FOUND text for a request without sequence_start on an id that has no live sequence."""
+        hint = "its first request must set sequence_start=true"
+        entry = self.gone.get(key)
+        if entry is None:
+            return (f"{describe(key)} was never started on this server (or ended long ago and forgotten): "
+                    f"{hint}")
+        why, when = entry
+        ago = max(0.0, time.time() - when)
+        return f"{describe(key)} {why} ({ago:.0f} s ago); to use this id again, {hint}"
+
+    def _sweep(self) -> None:
+        """Drop entries whose session the engine expired under us (amortized: runs when the table doubles)."""
+        alive = self.engine.table.live
+        for key, sid in list(self.live.items()):
+            if sid not in alive:
+                try:
+                    self.engine.session_model(sid)
+                except NotFound as e:
+                    self._forget(key, sid, e)
+        self._sweep_at = max(SWEEP_FLOOR, 2 * len(self.live))
