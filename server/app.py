@@ -1,6 +1,7 @@
 """Builds the grpc.aio server: native servicer, health, reflection, metrics, extra servicers."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -83,10 +84,12 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let generations end within grace, then stop the server."""
         grace = self.settings.grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         await self._set_health(False)
         if self.server is not None:
             await self.engine.drain(grace)
-            await self.server.stop(grace)
+            await self.server.stop(max(0.0, end - loop.time()))  # cuts calls still open at the deadline
         await self.engine.stop()
         self.metrics.close()
         log.info("stopped")

@@ -7,15 +7,25 @@ import os
 import signal
 import sys
 
-from server.app import App
+from server.app import App, Registrar
 from server.settings import Settings, parse
 
 log = logging.getLogger(__name__)
 
 
+def extra_servicers() -> list[Registrar]:
+    """The servicers served beside the native one: the KServe v2 endpoint when its module is present."""
+    try:
+        from server import kserve
+    except ImportError as e:
+        log.warning("KServe v2 endpoint not available: %s", e)
+        return []
+    return [kserve.register]
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period."""
-    app = App(settings)
+    app = App(settings, extra=extra_servicers())
     try:
         await app.start()
     except (OSError, RuntimeError) as e:
