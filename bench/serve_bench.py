@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -60,17 +61,12 @@ def random_repo(root: Path) -> Path:
     """A repository holding a random Elman H=512 model over a 65-character vocab, via the real export."""
     import torch
 
-    from trainer import checkpoint, export
+    from trainer.export import export_model
     from trainer.model import ModelConfig, RNNModel
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=65, cell="elman", hidden_size=512, layers=1, embed_size=64)
-    model = RNNModel(config)
-    vocab = _ceilings.VOCAB
-    ckpt = checkpoint.save(root / "random.pt", {
-        "config": config.to_dict(), "vocab": vocab, "model": model.state_dict(),
-        "metrics": {"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0}, "train": {}})
-    export.main([str(ckpt), "--repo", str(root / "models"), "--name", "random"])
+    model = RNNModel(ModelConfig(vocab_size=65, cell="elman", hidden_size=512, layers=1, embed_size=64))
+    export_model(model.eval(), _ceilings.VOCAB, root / "models", "random", 1)
     return root / "models"
 
 
@@ -132,7 +128,7 @@ async def pingpong(target: str, model: str, sessions: int, seconds: float, echo:
 async def _generate_worker(client: AsyncClient, model: str, deadline: float, max_tokens: int,
                            ttft: list[float]) -> int:
     s = await client.session(model)
-    await s.feed("\n", output="none")
+    await s.feed(s.model.vocab[0], output="none")
     tokens = 0
     try:
         while time.perf_counter() < deadline:
@@ -167,17 +163,22 @@ def ort_ceiling(model_dir: Path, batch: int, seconds: float) -> float:
     import onnxruntime as ort
 
     meta = json.loads((model_dir / "model.json").read_text())
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()  # onnxruntime's defaults (all cores), quiet
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, len(meta["vocab"]), size=batch, dtype=np.int64)  # (B,)
     state = np.tile(np.asarray(meta["initial_state"], np.float32), (batch, 1))  # (B, S)
     for _ in range(3):
         _, state = sess.run(None, {"tokens": tokens, "state": state})
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        _, state = sess.run(None, {"tokens": tokens, "state": state})  # logits (B, V), state (B, S)
-        n += 1
-    return n * batch / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(3):  # best of three windows: the machine is shared, the ceiling is what ort can do
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            _, state = sess.run(None, {"tokens": tokens, "state": state})  # logits (B, V), state (B, S)
+            n += 1
+        best = max(best, n * batch / (time.perf_counter() - t0))
+    return best
 
 
 # --- memory ---------------------------------------------------------------------------------------------
@@ -212,7 +213,8 @@ def _ratio_line(name: str, value: float, ceiling: float, goal: float | None, uni
 
 async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path) -> int:
     """All three benchmarks, then the summary; returns 1 on a missed goal only with --strict."""
-    print(f"model {model} ({model_dir}), {args.seconds:.1f} s per point\n")
+    print(f"model {model} ({model_dir}), {args.seconds:.1f} s per point, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     servers = {"echo": _procs.start_ceiling("echo"), "nothing": _procs.start_ceiling("nothing"),
                "rnn-serve": _procs.start_rnn_serve(repo)}
     pp: dict[tuple[str, int], Point] = {}
@@ -233,14 +235,16 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
             servers.pop(name).stop()
 
         print("\nserver-side generation: tokens/s and time to first token; ceiling = onnxruntime batched loop")
-        print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7}")
+        print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7} {'server cpu':>10}")
         ceilings: dict[int, float] = {}
         srv = servers["rnn-serve"]
         for n in GENERATE_SESSIONS:
+            cpu0 = srv.cpu_s()
             p = gen[n] = await generation(srv.target, model, n, args.seconds, args.max_tokens)
+            cpu = (srv.cpu_s() - cpu0) / args.seconds
             ceilings[n] = ort_ceiling(model_dir, n, min(args.seconds, 1.5))
             print(f"{n:>8}  {p.rate:>10,.0f} {p.pct(50):>8.1f}ms {p.pct(99):>8.1f}ms {ceilings[n]:>13,.0f} "
-                  f"{p.rate / ceilings[n]:>6.2f}x")
+                  f"{p.rate / ceilings[n]:>6.2f}x {cpu:>10.0%}")
         servers.pop("rnn-serve").stop()
 
         print(f"\nmemory: {IDLE_SESSIONS:,} idle sessions on a fresh server")
@@ -271,6 +275,7 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
     lines.append((mem_text, mem_ok))
     for text, _ in lines:
         print(text)
+    print(f"(load average {os.getloadavg()[0]:.1f} at the end: other processes share these cores)")
     return 1 if args.strict and not all(ok for _, ok in lines) else 0
 
 

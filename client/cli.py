@@ -106,7 +106,7 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_chat(client: Client, args: argparse.Namespace) -> int:
-    """Each input line is fed (with a newline) and answered on the same session."""
+    """Each input line is fed (with its newline, if the vocab has one) and answered on the same session."""
     s = _open(client, args)
     tty = sys.stdin.isatty()
     stop = args.stop if args.stop is not None else ["\n\n"]
@@ -126,7 +126,8 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
                 print(_label(s), file=sys.stderr)
                 continue
             try:
-                s.feed(line if line.endswith("\n") else line + "\n", output="none")
+                line = line.rstrip("\n")
+                s.feed(line + "\n" if "\n" in s.model.vocab else line, output="none")
             except RnnServeError as err:
                 if err.code != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
