@@ -105,13 +105,14 @@ def logits_of(resp: pb.SessionResponse) -> np.ndarray:
     return np.array([d.logits for d in resp.fed.distributions], np.float32)
 
 
-def test_no_state_crossover_under_random_interleaving(tiny_repo: Path) -> None:
-    vocab = json.loads((tiny_repo / "tiny" / "1" / "model.json").read_text())["vocab"]
+@pytest.mark.parametrize("model", ["tiny", "tiny-lstm"])
+def test_no_state_crossover_under_random_interleaving(tiny_repo: Path, model: str) -> None:
+    vocab = json.loads((tiny_repo / model / "1" / "model.json").read_text())["vocab"]
     V = len(vocab)
 
     async def client(stub, k: int, rng: random.Random) -> None:
-        st, ref = Stream(stub), Reference(tiny_repo)
-        assert (await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))).WhichOneof("kind") == "opened"
+        st, ref = Stream(stub), Reference(tiny_repo, model)
+        assert (await st.send(open=pb.Open(model=pb.ModelRef(name=model)))).WhichOneof("kind") == "opened"
         for _ in range(8):
             await asyncio.sleep(rng.random() * 0.004)
             op = rng.choice(["step", "step", "text", "greedy", "sample"])
@@ -137,8 +138,8 @@ def test_no_state_crossover_under_random_interleaving(tiny_repo: Path) -> None:
         async with serving(tiny_repo, max_wait_ms=1.0) as (app, _ch, stub):
             await asyncio.gather(*(client(stub, k, random.Random(k)) for k in range(12)))
             reg = app.metrics.registry
-            count = reg.get_sample_value("rnnserve_batch_size_count", {"model": "tiny:1"})
-            ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": "tiny:1", "le": "1.0"})
+            count = reg.get_sample_value("rnnserve_batch_size_count", {"model": f"{model}:1"})
+            ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": f"{model}:1", "le": "1.0"})
             assert count > ones, "no step call ever batched more than one session"
 
     asyncio.run(main())
