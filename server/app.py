@@ -5,16 +5,16 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-import rnnserve.v1.rnnserve_pb2 as pb
-import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.metrics import Metrics
 from server.servicer import RnnServeServicer

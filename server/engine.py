@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 import numpy as np
 
@@ -59,7 +59,7 @@ class StateView:
 class Generation:
     """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once."""
 
-    def __init__(self, engine: "Engine", batcher: Batcher, row: GenRow) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher, row: GenRow) -> None:
         self._engine = engine
         self._batcher = batcher
         self.row = row
@@ -99,6 +99,8 @@ class Engine:
         self.draining = False
         self.provider = ""
         self._generations: set[Generation] = set()
+        self._retired: set[ModelVersion] = set()
+        self._watcher: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,6 +115,35 @@ class Engine:
             self._add(mv)
         if not self.batchers:
             log.warning("no serveable model under %s", self.settings.models)
+        if self.settings.poll_interval > 0:
+            self._watcher = loop.create_task(self._watch(), name="repository-watch")
+
+    async def _watch(self) -> None:
+        """Rescan the repository every poll_interval seconds (a timer, not a busy loop)."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                await self.refresh()
+            except Exception:  # a bad scan must not stop serving what is loaded
+                log.exception("repository scan failed")
+
+    async def refresh(self) -> None:
+        """Load new versions; versions no longer wanted take no new sessions and unload when unused."""
+        added, removed = await asyncio.get_running_loop().run_in_executor(None, self.repo.scan)
+        for mv in added:
+            self._add(mv)
+        for mv in removed:
+            self.repo.unload(mv)
+            self._retired.add(mv)
+            log.info("retired %s: no new sessions, %d live", mv.key, self.table.sessions_of(mv))
+        for mv in list(self._retired):
+            if self.table.sessions_of(mv) == 0:
+                self._retired.discard(mv)
+                b = self.batchers.pop(mv, None)
+                self.table.pools.pop(mv, None)
+                if b is not None:
+                    await b.stop()
+                log.info("unloaded %s", mv.key)
 
     def _add(self, mv: ModelVersion) -> None:
         b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,
@@ -136,6 +167,8 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop batchers and timers."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         self.table.stop()
         for b in self.batchers.values():
             await b.stop()

@@ -128,7 +128,7 @@ def load_version(vdir: Path, providers: list[str]) -> ModelVersion:
     for fname, rank in (("model.onnx", 1), ("sequence.onnx", 2)):
         try:
             sess = ort.InferenceSession(str(vdir / fname), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own Fail/InvalidGraph types)
             raise LoadError(f"{fname} does not load in onnxruntime: {e}") from None
         _check_io(sess, fname, rank, meta["state_size"], len(meta["vocab"]))
         model_vocab = sess.get_modelmeta().custom_metadata_map.get("vocab")

@@ -10,7 +10,7 @@ def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p
 
     temperature 0 = argmax; top_k 0 = all; top_p 0 or >= 1 = no nucleus filter.
     """
-    R, V = logits.shape
+    V = logits.shape[1]
     out = np.argmax(logits, axis=1)  # (R,) greedy for temperature 0
     hot = temperature > 0
     if not hot.any():

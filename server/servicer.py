@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+
 from server.engine import Engine, FeedResult
 from server.errors import FailedPrecondition, InvalidArgument, ServeError
 from server.repository import ModelVersion

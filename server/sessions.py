@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,7 +56,7 @@ class StatePool:
 class Session:
     """One client sequence: where its state lives and its bookkeeping (no arrays of its own)."""
 
-    __slots__ = ("id", "model", "pool", "row", "steps", "deadline", "busy", "closed", "_heaped")
+    __slots__ = ("_heaped", "busy", "closed", "deadline", "id", "model", "pool", "row", "steps")
 
     def __init__(self, sid: str, pool: StatePool, row: int) -> None:
         self.id = sid

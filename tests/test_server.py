@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import rnnserve.v1.rnnserve_pb2 as pb
+import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import rnnserve.v1.rnnserve_pb2 as pb
-import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from server.app import App
 from server.sampling import sample
 from server.settings import Settings
@@ -316,5 +316,41 @@ def test_health_reflection_models_and_metrics(tiny_repo: Path) -> None:
             body = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics").read().decode())
             assert "rnnserve_live_sessions 1.0" in body and "rnnserve_batch_size" in body
+
+    asyncio.run(main())
+
+
+def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+
+    async def main() -> None:
+        async with serving(repo, poll_interval=0.1) as (app, _c, stub):
+            old = Stream(stub)
+            r = await old.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
+            assert r.opened.model.version == 1
+            ref = Reference(repo, "tiny", 1)
+            shutil.copytree(repo / "tiny" / "1", tmp_path / "v2")
+            meta = json.loads((tmp_path / "v2" / "model.json").read_text())
+            meta["version"] = 2
+            (tmp_path / "v2" / "model.json").write_text(json.dumps(meta))
+            (tmp_path / "v2").rename(repo / "tiny" / "2")  # published atomically
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while app.engine.model("tiny").version != 2:
+                assert loop.time() < end, "version 2 was not picked up"
+                await asyncio.sleep(0.05)
+            new = await stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"))))
+            assert new.model.version == 2 and new.model.latest
+            r = await old.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[1, 2]), output=pb.OUTPUT_ALL, logits=True))
+            np.testing.assert_allclose(logits_of(r), ref.feed([1, 2]), atol=1e-5)  # still on version 1
+            await old.send(close=pb.Close())
+            end = loop.time() + 10
+            while any(mv.version == 1 for mv in app.engine.batchers):
+                assert loop.time() < end, "version 1 was not unloaded after its last session"
+                await asyncio.sleep(0.05)
+            await old.end()
 
     asyncio.run(main())

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+
 from server.repository import Repository
 from server.settings import Settings, parse
 
