@@ -67,3 +67,20 @@ def test_load_text_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.txt"
     good.write_text("Ünïcode ok\n", encoding="utf-8")
     assert load_text(good) == "Ünïcode ok\n"
+
+
+def test_shifted_epochs_rotate_the_data_deterministically() -> None:
+    ids = np.arange(1000)
+    b = StreamBatches(ids, batch=4, seq_len=10, shift_seed=5)
+    plain = StreamBatches(ids, batch=4, seq_len=10)
+    n = b.chunks_per_epoch
+    assert torch.equal(b.chunk(0)[0], plain.chunk(0)[0])  # epoch 0 is unshifted
+    off = b.offset(1)
+    assert 0 < off < 1000 and off == StreamBatches(ids, 4, 10, shift_seed=5).offset(1) != b.offset(2)
+    x, y, start = b.chunk(n)  # first chunk of epoch 1
+    assert start and torch.equal(x[:, 0], (torch.arange(4) * b.length + off) % 1000)
+    assert torch.equal(y, (x + 1) % 1000)  # targets follow inputs (across the wrap too)
+    x2, _, start2 = b.chunk(n + 1)
+    assert not start2 and torch.equal(x2[:, 0], (x[:, -1] + 1) % 1000)  # streams still continue
+    b.position = n + 1  # resuming inside a shifted epoch serves the same chunk
+    assert torch.equal(b.next()[0], x2)

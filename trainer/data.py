@@ -73,29 +73,46 @@ class StreamBatches:
     Stream b reads the b-th contiguous slice of the data, so chunk k+1 of a stream
     continues chunk k and the caller can carry the (detached) state across chunks.
     `position` counts chunks served; setting it resumes exactly where a run stopped.
+    With `shift_seed`, every epoch after the first rotates the data by an offset drawn
+    from (shift_seed, epoch), so later epochs see new chunk boundaries and stream
+    pairings instead of the same batches again; epoch 0 and shift_seed=None are unshifted.
     """
 
-    def __init__(self, ids: np.ndarray, batch: int, seq_len: int) -> None:
+    def __init__(self, ids: np.ndarray, batch: int, seq_len: int, shift_seed: int | None = None) -> None:
         length = (len(ids) - 1) // batch  # tokens per stream (inputs); targets are shifted by one
         if length < seq_len:
             raise CorpusError(
                 f"{len(ids)} tokens cannot fill {batch} streams of one {seq_len}-token chunk each"
             )
-        self.batch, self.seq_len = batch, seq_len
+        self.batch, self.seq_len, self.length, self.shift_seed = batch, seq_len, length, shift_seed
         self.chunks_per_epoch = length // seq_len
-        usable = self.chunks_per_epoch * seq_len
-        data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        starts = torch.arange(batch) * length  # (B,)
-        offs = torch.arange(usable + 1)  # (L+1,)
-        self.streams = data[starts[:, None] + offs[None, :]]  # (B, L+1)
+        self.data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        self._epoch = -1
+        self.streams = self._streams(0)  # (B, L+1)
         self.position = 0
+
+    def offset(self, epoch: int) -> int:
+        """Rotation of the data in this epoch (0 without shift_seed and in epoch 0)."""
+        if self.shift_seed is None or epoch == 0:
+            return 0
+        return int(np.random.default_rng([self.shift_seed, epoch]).integers(len(self.data)))
+
+    def _streams(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            usable = self.chunks_per_epoch * self.seq_len
+            starts = torch.arange(self.batch) * self.length + self.offset(epoch)  # (B,)
+            offs = torch.arange(usable + 1)  # (L+1,)
+            self.streams = self.data[(starts[:, None] + offs[None, :]) % len(self.data)]  # (B, L+1)
+            self._epoch = epoch
+        return self.streams
 
     def chunk(self, k: int) -> tuple[Tensor, Tensor, bool]:
         """Chunk k: inputs (B, T), targets (B, T), and whether it starts an epoch (reset state)."""
-        j = k % self.chunks_per_epoch
+        epoch, j = divmod(k, self.chunks_per_epoch)
+        streams = self._streams(epoch)
         s = j * self.seq_len
-        x = self.streams[:, s : s + self.seq_len]
-        y = self.streams[:, s + 1 : s + 1 + self.seq_len]
+        x = streams[:, s : s + self.seq_len]
+        y = streams[:, s + 1 : s + 1 + self.seq_len]
         return x, y, j == 0
 
     def next(self) -> tuple[Tensor, Tensor, bool]:

@@ -22,6 +22,7 @@ class ModelConfig:
     embed_size: int = 64
     dropout: float = 0.0  # between stacked layers, training only
     init_state: str = "zeros"  # "zeros" or "learned"; a caller-given vector is passed to forward
+    out_dropout: float = 0.0  # on the top layer's output before the head, training only
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:
@@ -31,8 +32,9 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "layers", "embed_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "out_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         """Plain dict for checkpoints and model.json."""
@@ -49,6 +51,7 @@ class RNNModel(nn.Module):
         sizes = [config.embed_size] + [config.hidden_size] * (config.layers - 1)
         self.cells = nn.ModuleList(make_cell(config.cell, i, config.hidden_size) for i in sizes)
         self.drop = nn.Dropout(config.dropout)
+        self.out_drop = nn.Dropout(config.out_dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         self.state_sizes = [c.state_size for c in self.cells]
         if config.init_state == "learned":
@@ -89,7 +92,7 @@ class RNNModel(nn.Module):
         if state is None:
             state = self.initial_state(tokens.shape[0])
         hs, state = self.forward_inputs(self.embed(tokens), state)  # (B, T, H)
-        return self.head(hs), state  # (B, T, V)
+        return self.head(self.out_drop(hs)), state  # (B, T, V)
 
     def step(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """One step, the contract of model.onnx: tokens (B,), state (B, S) -> logits (B, V), state."""

@@ -32,7 +32,8 @@ from trainer.model import INIT_MODES, ModelConfig, RNNModel
 log = logging.getLogger(__name__)
 
 # Flags that shape the model, the data or the optimisation: fixed by the checkpoint on --resume.
-FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "init_state", "batch", "seq_len",
+FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "shift_epochs", "init_state",
+                   "batch", "seq_len",
                    "lr", "schedule", "warmup", "clip", "seed", "steps")
 
 
@@ -51,6 +52,8 @@ class TrainArgs:
     layers: int = 1
     embed: int = 64
     dropout: float = 0.0
+    out_dropout: float = 0.0
+    shift_epochs: bool = False
     init_state: str = "zeros"
     batch: int = 32
     seq_len: int = 128
@@ -159,13 +162,14 @@ class Run:
         self.train_ids, self.val_ids = split(ids)
         if args.val_streams < 1 or (len(self.val_ids) - 1) // args.val_streams < 1:
             raise TrainError(f"--val-streams {args.val_streams} does not fit {len(self.val_ids)} validation chars")
-        self.batches = StreamBatches(self.train_ids, args.batch, args.seq_len)
+        self.batches = StreamBatches(self.train_ids, args.batch, args.seq_len,
+                                     shift_seed=args.seed if args.shift_epochs else None)
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
         self.config = ModelConfig(vocab_size=len(self.vocab), cell=args.cell, hidden_size=args.hidden,
                                   layers=args.layers, embed_size=args.embed, dropout=args.dropout,
-                                  init_state=args.init_state)
+                                  init_state=args.init_state, out_dropout=args.out_dropout)
         self.model = RNNModel(self.config).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=args.lr)
@@ -349,6 +353,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=dflt(d.layers))
     p.add_argument("--embed", type=int, default=dflt(d.embed), help="embedding size")
     p.add_argument("--dropout", type=float, default=dflt(d.dropout), help="between stacked layers")
+    p.add_argument("--out-dropout", type=float, default=dflt(d.out_dropout),
+                   help="dropout on the top layer's output before the head")
+    p.add_argument("--shift-epochs", action="store_true", default=dflt(False),
+                   help="rotate the training data by a seeded offset each epoch (new chunk boundaries)")
     p.add_argument("--init-state", choices=INIT_MODES, default=dflt(d.init_state))
     p.add_argument("--batch", type=int, default=dflt(d.batch), help="parallel streams B")
     p.add_argument("--seq-len", type=int, default=dflt(d.seq_len), help="TBPTT chunk length T")
