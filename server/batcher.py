@@ -134,6 +134,10 @@ class Batcher:
             self._release(row)
         self._gauge()
 
+    def end(self, row: GenRow, reason: str) -> None:
+        """End one generation now; its handler gets a last chunk with this reason."""
+        self._finish(row, reason)
+
     def cut_all(self) -> None:
         """Shutdown: end every generation now with reason 'cancelled'."""
         for row in list(self._new_rows) + list(self._rows):

@@ -334,7 +334,12 @@ class Engine:
         return 0
 
     def close(self, session_id: str) -> str:
-        """Close a session (its row is freed; the id answers NOT_FOUND 'was closed' afterwards)."""
+        """Close a session (its row is freed; the id answers NOT_FOUND 'was closed' afterwards).
+
+        A generation running on it ends at once with reason 'cancelled'."""
+        s = self.table.get(session_id)
+        for g in [g for g in self._generations if g.row.session is s]:
+            self.batchers[s.model].end(g.row, "cancelled")
         return self.table.close(session_id).id
 
     def get_state(self, session_id: str) -> StateView:
