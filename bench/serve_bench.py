@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ class Point:
 
     rate: float  # steps/s or tokens/s
     lat_ms: list[float] = field(default_factory=list)  # per-step latency or time to first token
+    cpu: float = 0.0  # server CPU seconds per second during the window
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.lat_ms, q)) if self.lat_ms else float("nan")
@@ -158,27 +160,29 @@ async def generation(target: str, model: str, sessions: int, seconds: float, max
     return Point(sum(counts) / wall, ttft)
 
 
-def ort_ceiling(model_dir: Path, batch: int, seconds: float) -> float:
-    """onnxruntime's own step rate (tokens/s) at `batch`: a tight loop of model.onnx, state fed back."""
-    import onnxruntime as ort
+class OrtLoop:
+    """onnxruntime's own step rate: a tight loop of model.onnx at a batch size, state fed back."""
 
-    meta = json.loads((model_dir / "model.json").read_text())
-    opts = ort.SessionOptions()  # onnxruntime's defaults (all cores), quiet
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, len(meta["vocab"]), size=batch, dtype=np.int64)  # (B,)
-    state = np.tile(np.asarray(meta["initial_state"], np.float32), (batch, 1))  # (B, S)
-    for _ in range(3):
-        _, state = sess.run(None, {"tokens": tokens, "state": state})
-    best = 0.0
-    for _ in range(3):  # best of three windows: the machine is shared, the ceiling is what ort can do
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort
+
+        self.meta = json.loads((model_dir / "model.json").read_text())
+        opts = ort.SessionOptions()  # onnxruntime's defaults (all cores), quiet
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    def rate(self, batch: int, seconds: float) -> float:
+        """Tokens/s over one window of `seconds` at `batch`."""
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, len(self.meta["vocab"]), size=batch, dtype=np.int64)  # (B,)
+        state = np.tile(np.asarray(self.meta["initial_state"], np.float32), (batch, 1))  # (B, S)
+        for _ in range(3):
+            _, state = self.sess.run(None, {"tokens": tokens, "state": state})
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
-            _, state = sess.run(None, {"tokens": tokens, "state": state})  # logits (B, V), state (B, S)
+        while time.perf_counter() - t0 < seconds:
+            _, state = self.sess.run(None, {"tokens": tokens, "state": state})  # logits (B, V), state (B, S)
             n += 1
-        best = max(best, n * batch / (time.perf_counter() - t0))
-    return best
+        return n * batch / (time.perf_counter() - t0)
 
 
 # --- memory ---------------------------------------------------------------------------------------------
@@ -213,42 +217,51 @@ def _ratio_line(name: str, value: float, ceiling: float, goal: float | None, uni
 
 async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path) -> int:
     """All three benchmarks, then the summary; returns 1 on a missed goal only with --strict."""
-    print(f"model {model} ({model_dir}), {args.seconds:.1f} s per point, "
+    print(f"model {model} ({model_dir}), best of {args.rounds} interleaved {args.seconds:g} s windows per point, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     servers = {"echo": _procs.start_ceiling("echo"), "nothing": _procs.start_ceiling("nothing"),
-               "rnn-serve": _procs.start_rnn_serve(repo)}
+               "rnn-serve": _procs.start_rnn_serve(repo, *shlex.split(args.serve_args))}
     pp: dict[tuple[str, int], Point] = {}
     gen: dict[int, Point] = {}
+    ceilings: dict[int, float] = {}
     try:
         print("ping-pong: 1 token in, top-5 distribution out, per session round trip")
         print(f"{'sessions':>8}  {'server':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10}")
         for n in PINGPONG_SESSIONS:
+            for _ in range(args.rounds):  # interleaved, best window of each: contention only slows things
+                for name in ("echo", "nothing", "rnn-serve"):
+                    srv = servers[name]
+                    cpu0 = srv.cpu_s()
+                    p = await pingpong(srv.target, "nothing" if name == "nothing" else model, n, args.seconds,
+                                       echo=name == "echo")
+                    p.cpu = (srv.cpu_s() - cpu0) / args.seconds
+                    if (name, n) not in pp or p.rate > pp[name, n].rate:
+                        pp[name, n] = p
             for name in ("echo", "nothing", "rnn-serve"):
-                srv = servers[name]
-                cpu0 = srv.cpu_s()
-                p = await pingpong(srv.target, "nothing" if name == "nothing" else model, n, args.seconds,
-                                   echo=name == "echo")
-                cpu = (srv.cpu_s() - cpu0) / args.seconds
-                pp[name, n] = p
-                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {cpu:>9.0%}")
+                p = pp[name, n]
+                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {p.cpu:>9.0%}")
         for name in ("echo", "nothing"):
             servers.pop(name).stop()
 
         print("\nserver-side generation: tokens/s and time to first token; ceiling = onnxruntime batched loop")
-        print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7} {'server cpu':>10}")
-        ceilings: dict[int, float] = {}
-        srv = servers["rnn-serve"]
+        print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7} "
+              f"{'server cpu':>10}")
+        srv, ort_loop = servers["rnn-serve"], OrtLoop(model_dir)
         for n in GENERATE_SESSIONS:
-            cpu0 = srv.cpu_s()
-            p = gen[n] = await generation(srv.target, model, n, args.seconds, args.max_tokens)
-            cpu = (srv.cpu_s() - cpu0) / args.seconds
-            ceilings[n] = ort_ceiling(model_dir, n, min(args.seconds, 1.5))
+            for _ in range(args.rounds):
+                cpu0 = srv.cpu_s()
+                p = await generation(srv.target, model, n, args.seconds, args.max_tokens)
+                p.cpu = (srv.cpu_s() - cpu0) / args.seconds
+                if n not in gen or p.rate > gen[n].rate:
+                    gen[n] = p
+                ceilings[n] = max(ceilings.get(n, 0.0), ort_loop.rate(n, args.seconds / 2))
+            p = gen[n]
             print(f"{n:>8}  {p.rate:>10,.0f} {p.pct(50):>8.1f}ms {p.pct(99):>8.1f}ms {ceilings[n]:>13,.0f} "
-                  f"{p.rate / ceilings[n]:>6.2f}x {cpu:>10.0%}")
+                  f"{p.rate / ceilings[n]:>6.2f}x {p.cpu:>10.0%}")
         servers.pop("rnn-serve").stop()
 
         print(f"\nmemory: {IDLE_SESSIONS:,} idle sessions on a fresh server")
-        servers["rnn-serve"] = fresh = _procs.start_rnn_serve(repo)
+        servers["rnn-serve"] = fresh = _procs.start_rnn_serve(repo, *shlex.split(args.serve_args))
         t0 = time.perf_counter()
         before, after = await idle_memory(fresh, model, IDLE_SESSIONS)
         print(f"RSS {before:.1f} MB -> {after:.1f} MB with {IDLE_SESSIONS:,} sessions "
@@ -284,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=_procs.ROOT / "models",
                         help="model repository (default models/; a random Elman H=512 one if it is empty)")
-    parser.add_argument("--seconds", type=float, default=2.5, help="duration of each measured point")
+    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one measured window")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved windows per point; the best is reported (default 3)")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per generate request")
+    parser.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. '--max-wait-ms 1'")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -94,8 +94,15 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         _generate(s, args, args.stop)
         sys.stdout.write("\n")
         sys.stdout.flush()
+    except RnnServeError:
+        if not keep:  # a bad prompt or generate request: don't leave a session behind for the idle timeout
+            try:
+                s.close()
+            except RnnServeError:
+                s.detach()
+        raise
     except BaseException:
-        s.detach()  # mid-generation (^C, broken stream): cancel; the server stops generating at once
+        s.detach()  # mid-generation (^C, broken pipe): cancel; the server stops generating at once
         raise
     if keep:
         print(_label(s), file=sys.stderr)
