@@ -6,7 +6,9 @@ process, driven by the same load generator (this process):
   - null:   a do-nothing server of the same protocol (answers at once with zero logits);
   - kserve: rnn-serve's KServe endpoint (Triton sequence ids, real model and batcher);
   - native: rnn-serve's own protocol (rnnserve.v1 Session streams) on the same server.
-Prints steps/s and p50/p99 latency for each, and kserve / null (goal >= 0.7).
+Both servers stay up; the kinds run in turn for several rounds (a busy shared machine then
+slows all of them alike). Prints the median steps/s, p50/p99 latency of each, and
+kserve / null (goal >= 0.7).
 
     .venv/bin/python bench/kserve_bench.py --models models [--model NAME] [--sessions 64]
 """
@@ -145,8 +147,7 @@ async def drive(kind: str, port: int, model: str, sessions: int, steps: int, voc
     for ch in channels:
         await ch.close()
     ms = np.asarray(lat) * 1e3
-    return {"kind": kind, "steps_per_s": len(lat) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "steps": len(lat)}
+    return {"kind": kind, "steps_per_s": len(lat) / wall, "lat_ms": ms}
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -160,6 +161,15 @@ def start_process(cmd: list[str], port_file: Path, env: dict | None = None) -> t
             raise RuntimeError(f"server did not start: {' '.join(cmd)}")
         time.sleep(0.05)
     return proc, json.loads(port_file.read_text())["port"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -182,12 +192,13 @@ def model_info(models: Path, name: str | None) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: run the three servers one after another, print the table and the ratio."""
+    """CLI: start both servers, alternate the three kinds for several rounds, print medians and the ratio."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=ROOT / "models")
     ap.add_argument("--model", default=None, help="model name (default: the first in the repository)")
     ap.add_argument("--sessions", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=200, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=100, help="tokens per sequence per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs null, kserve, native in turn")
     ap.add_argument("--serve-null", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -195,34 +206,47 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve_null(args.vocab, args.serve_null))
         return 0
     model, vocab = model_info(args.models, args.model)
-    results = []
+    kinds = ("null", "kserve", "native")
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
-        pf = Path(tmp) / "null.json"
-        proc, port = start_process([sys.executable, __file__, "--serve-null", str(pf),
-                                    "--vocab", str(vocab)], pf)
-        try:
-            results.append(asyncio.run(drive("null", port, model, args.sessions, args.steps, vocab)))
-        finally:
-            stop_process(proc)
-        pf = Path(tmp) / "serve.json"
+        null_pf, serve_pf = Path(tmp) / "null.json", Path(tmp) / "serve.json"
         env = {**os.environ, "RNNSERVE_LOG_LEVEL": "WARNING"}
-        proc, port = start_process([sys.executable, "-m", "server.main", "--models", str(args.models),
-                                    "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
-                                    "--port-file", str(pf)], pf, env)
+        procs = []
         try:
-            for kind in ("kserve", "native"):
-                results.append(asyncio.run(drive(kind, port, model, args.sessions, args.steps, vocab)))
+            p, null_port = start_process([sys.executable, __file__, "--serve-null", str(null_pf),
+                                          "--vocab", str(vocab)], null_pf)
+            procs.append(p)
+            p, port = start_process([sys.executable, "-m", "server.main", "--models", str(args.models),
+                                     "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
+                                     "--port-file", str(serve_pf)], serve_pf, env)
+            procs.append(p)
+            ports = {"null": null_port, "kserve": port, "native": port}
+            pids = {"null": procs[0].pid, "kserve": procs[1].pid, "native": procs[1].pid}
+            for _ in range(args.rounds):  # alternating, so load from neighbours hits all kinds alike
+                for kind in kinds:
+                    cpu0 = cpu_seconds(pids[kind])
+                    r = asyncio.run(drive(kind, ports[kind], model, args.sessions, args.steps, vocab))
+                    r["server_cpu_us"] = (cpu_seconds(pids[kind]) - cpu0) / len(r["lat_ms"]) * 1e6
+                    runs[kind].append(r)
         finally:
-            stop_process(proc)
-    print(f"model {model} (vocab {vocab}), {args.sessions} sequences x {args.steps} steps, ping-pong, "
-          f"one stream each, os.cpu_count()={os.cpu_count()}")
-    print(f"{'server':<8} {'steps/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-    for r in results:
-        print(f"{r['kind']:<8} {r['steps_per_s']:>10.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    by = {r["kind"]: r for r in results}
-    ratio = by["kserve"]["steps_per_s"] / by["null"]["steps_per_s"]
-    print(f"kserve / null = {ratio:.2f} (goal >= 0.70); "
-          f"kserve / native = {by['kserve']['steps_per_s'] / by['native']['steps_per_s']:.2f}")
+            for p in procs:
+                stop_process(p)
+    print(f"model {model} (vocab {vocab}), {args.sessions} sequences, one ModelStreamInfer/Session stream "
+          f"each, ping-pong 1 token; {args.rounds} rounds x {args.steps} steps per sequence; "
+          f"cpus={os.cpu_count()}")
+    print(f"{'server':<8} {'steps/s (median)':>17} {'min':>7} {'max':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'server CPU us/step':>19}")
+    med = {}
+    for kind in kinds:
+        rates = [r["steps_per_s"] for r in runs[kind]]
+        med[kind] = float(np.median(rates))
+        lat = np.concatenate([r["lat_ms"] for r in runs[kind]])
+        print(f"{kind:<8} {med[kind]:>17.0f} {min(rates):>7.0f} {max(rates):>7.0f} "
+              f"{np.percentile(lat, 50):>8.2f} {np.percentile(lat, 99):>8.2f} "
+              f"{np.median([r['server_cpu_us'] for r in runs[kind]]):>19.0f}")
+    per_round = [k["steps_per_s"] / n["steps_per_s"] for k, n in zip(runs["kserve"], runs["null"])]
+    print(f"kserve / null = {med['kserve'] / med['null']:.2f} (goal >= 0.70; per round: "
+          f"{', '.join(f'{x:.2f}' for x in per_round)}); kserve / native = {med['kserve'] / med['native']:.2f}")
     return 0
 
 

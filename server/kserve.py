@@ -102,8 +102,8 @@ class KServeServicer:
         return resp
 
     # -- inference ------------------------------------------------------------------------------------
-    async def _infer(self, req: Any) -> Any:
-        """One request -> ModelInferResponse; raises ServeError / ProtocolError for the client."""
+    async def _infer(self, req: Any, resp: Any) -> Any:
+        """Answer one request into resp (a ModelInferResponse); raises ServeError / ProtocolError."""
         seq = read_sequence(req)
         outputs = requested_outputs(req)
         version = parse_version(req.model_version)
@@ -117,11 +117,11 @@ class KServeServicer:
         else:
             key = (req.model_name, seq.id)
             step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
-        return self._response(req, step, outputs)
+        return self._response(req, step, outputs, resp)
 
-    def _response(self, req: Any, step: Step, outputs: tuple[str, ...]) -> Any:
-        resp = self.pb.ModelInferResponse(model_name=step.model.name, model_version=str(step.model.version),
-                                          id=req.id)
+    @staticmethod
+    def _response(req: Any, step: Step, outputs: tuple[str, ...], resp: Any) -> Any:
+        resp.model_name, resp.model_version, resp.id = step.model.name, str(step.model.version), req.id
         if step.restarted:
             resp.parameters[RESTARTED].bool_param = True
         if step.session_id:
@@ -132,14 +132,16 @@ class KServeServicer:
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
         try:
-            return await self._infer(request)
+            return await self._infer(request, self.pb.ModelInferResponse())
         except (ServeError, ProtocolError) as e:
             await self._abort(context, e.code, e.message)
 
     async def _stream_one(self, req: Any) -> Any:
         """One stream request -> ModelStreamInferResponse; an error goes into error_message."""
+        resp = self.pb.ModelStreamInferResponse()
         try:
-            return self.pb.ModelStreamInferResponse(infer_response=await self._infer(req))
+            await self._infer(req, resp.infer_response)  # filled in place: no copy
+            return resp
         except (ServeError, ProtocolError) as e:
             self._count(e.code)
             text = f"{e.code.name}: {e.message}"
@@ -151,7 +153,7 @@ class KServeServicer:
             text = "INTERNAL: the server failed on this request (see its log)"
         if req.id:
             text += f" [request id {req.id!r}]"
-        resp = self.pb.ModelStreamInferResponse(error_message=text)
+        resp = self.pb.ModelStreamInferResponse(error_message=text)  # a fresh one: no partial outputs
         resp.infer_response.model_name, resp.infer_response.id = req.model_name, req.id
         return resp
 
