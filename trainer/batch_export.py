@@ -1,0 +1,299 @@
+"""rnn-export batch / rnn-export list: many checkpoints into one repository, and its index.
+
+batch: every checkpoint gets every check of the single export; one whose weights, config and vocab
+(its content hash, recorded in model.json `source`) are already published under its name is skipped,
+so a rerun is cheap and idempotent. Failures are reported and the others still run; exit 1 if any
+failed. Versions are published by atomic rename (see trainer.export), so a kill leaves only `.tmp-*`
+folders that no reader accepts and the next export cleans up.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.export import (
+    ModelFormatError,
+    _check_meta,
+    default_name,
+    sha256_file,
+    verify_version_dir,
+    version_numbers,
+)
+
+STATUSES = ("ok", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class BatchArgs:
+    """Settings of one batch run, parsed once."""
+
+    checkpoints: tuple[str, ...]
+    repo: str
+    name: str | None = None
+    jobs: int = 1
+    eval_corpus: str | None = None
+    report: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def expand(patterns: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Paths and globs -> checkpoint paths in order (deduplicated), plus a failure per glob matching nothing."""
+    paths, missing, seen = [], [], set()
+    for pat in patterns:
+        hits = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
+        if not hits:
+            missing.append(_result(pat, None, error=f"no checkpoint matches {pat!r}"))
+        for h in hits:
+            key = os.path.abspath(h)
+            if key not in seen:
+                seen.add(key)
+                paths.append(h)
+    return paths, missing
+
+
+def _result(ckpt: str, name: str | None, **kw: Any) -> dict[str, Any]:
+    """One report row."""
+    row = {"checkpoint": ckpt, "name": name, "version": None, "status": "failed", "val_loss": None,
+           "parity": None, "sizes": {}, "seconds": 0.0, "error": None, "path": None}
+    row.update(kw)
+    return row
+
+
+def _fill(row: dict[str, Any], path: Path) -> None:
+    """Copy version, val_loss, parity error and file sizes from a published folder into a report row."""
+    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    row.update(path=str(path), version=meta["version"], val_loss=meta["metrics"].get("val_loss"),
+               parity=max(meta.get("checks", {}).values(), default=None),
+               sizes={f: (path / f).stat().st_size for f in ("model.onnx", "sequence.onnx")})
+
+
+def find_unchanged(name_dir: Path, content: str, eval_sha: str | None) -> Path | None:
+    """The newest intact version of this model exported from the same content (and eval corpus), if any."""
+    for v in reversed(version_numbers(name_dir)):
+        d = name_dir / str(v)
+        try:
+            meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
+            src = meta.get("source") or {}
+            if src.get("content_sha256") != content or (eval_sha and src.get("eval_corpus_sha256") != eval_sha):
+                continue
+            _check_meta(meta, d / "model.json", d)
+            if all(sha256_file(d / f) == meta["files"][f] for f in ("model.onnx", "sequence.onnx")):
+                return d
+        except (OSError, ValueError):
+            continue  # a damaged version is never "already there"
+    return None
+
+
+def export_one(ckpt: str, repo: str, name: str | None, eval_text: str | None, eval_sha: str | None,
+               force: bool) -> dict[str, Any]:
+    """Export (or skip) one checkpoint; never raises: the report row says what happened."""
+    from trainer import checkpoint
+    from trainer import onnx_graph as og
+    from trainer.export import export_model
+
+    t0 = time.perf_counter()
+    row = _result(ckpt, name)
+    try:
+        row["name"] = name = name or default_name(ckpt)
+        loaded = checkpoint.load(ckpt)
+        content = og.content_hash(loaded.model, loaded.vocab)
+        existing = None if force else find_unchanged(Path(repo) / name, content, eval_sha)
+        if existing is not None:
+            row["status"] = "skipped"
+            _fill(row, existing)
+        else:
+            source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": sha256_file(ckpt),
+                      "eval_corpus_sha256": eval_sha}
+            path = export_model(loaded.model, loaded.vocab, repo, name, metrics=loaded.metrics,
+                                eval_text=eval_text, source=source)
+            row["status"] = "ok"
+            _fill(row, path)
+    except (ValueError, OSError) as e:  # CheckpointError, ExportError, ModelFormatError, I/O
+        row["error"] = str(e)
+    except Exception as e:  # noqa: BLE001 -- one bad checkpoint must not stop the batch; reported as failed
+        row["error"] = f"unexpected {type(e).__name__}: {e}"
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _worker_init() -> None:
+    """Workers share the machine: one torch thread each."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
+    """Export every checkpoint (in --jobs processes), with a progress bar; returns the report rows in order."""
+    from tqdm import tqdm
+
+    paths, rows = expand(list(args.checkpoints))
+    eval_text = eval_sha = None
+    if args.eval_corpus:
+        from trainer.data import load_text
+
+        eval_text = load_text(args.eval_corpus)
+        eval_sha = sha256_file(args.eval_corpus)
+    Path(args.repo).mkdir(parents=True, exist_ok=True)
+    tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked from here
+    results: dict[int, dict[str, Any]] = {}
+    jobs = max(1, min(args.jobs, len(paths)))
+    with tqdm(total=len(paths), file=sys.stderr, unit="ckpt", disable=not args.progress, dynamic_ncols=True) as bar:
+        if jobs == 1:
+            _worker_init()
+            for i, p in enumerate(paths):
+                results[i] = export_one(p, args.repo, args.name, eval_text, eval_sha, args.force)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init) as pool:
+                futures = {pool.submit(export_one, p, args.repo, args.name, eval_text, eval_sha, args.force): i
+                           for i, p in enumerate(paths)}
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    bar.update(1)
+    return rows + [results[i] for i in range(len(paths))]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f}K" if n < 1 << 20 else f"{n / (1 << 20):.1f}M"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The summary table printed after a batch."""
+    lines = [f"{'STATUS':8} {'NAME':20} {'VER':>4} {'VAL_LOSS':>8} {'PARITY':>8} {'SIZE':>8} {'SECS':>6}  CHECKPOINT"]
+    for r in rows:
+        size = sum(r["sizes"].values())
+        lines.append(f"{r['status']:8} {r['name'] or '-'!s:20} {r['version'] or '-':>4} "
+                     f"{'-' if r['val_loss'] is None else format(r['val_loss'], '.4f'):>8} "
+                     f"{'-' if r['parity'] is None else format(r['parity'], '.1e'):>8} "
+                     f"{_size(size) if size else '-':>8} {r['seconds']:6.2f}  {r['checkpoint']}")
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+def write_report(path: str, rows: list[dict[str, Any]], args: BatchArgs, seconds: float) -> None:
+    """The JSON report, written atomically."""
+    report = {"repo": str(Path(args.repo).resolve()), "seconds": round(seconds, 3), "jobs": args.jobs,
+              "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES}, "results": rows}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def batch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnn-export batch", description="Export many checkpoints into one repository.")
+    p.add_argument("checkpoints", nargs="*", help="checkpoint files or globs (quote globs: 'runs/*/ckpt.pt')")
+    p.add_argument("--from-file", help="a file listing checkpoints or globs, one a line (# comments)")
+    p.add_argument("--repo", default="models", help="model repository folder (default: models)")
+    p.add_argument("--name", help="publish every checkpoint under this name (default: each one's stem/folder)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--eval-corpus", help="record onnxruntime's val loss on the last 10%% of this corpus")
+    p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--force", action="store_true", help="export even when an identical version is published")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main_batch(argv: list[str]) -> int:
+    """`rnn-export batch`: exit 0 if every checkpoint is ok or skipped, 1 if any failed, 2 for bad usage."""
+    parser = batch_parser()
+    a = parser.parse_args(argv)
+    items = list(a.checkpoints)
+    try:
+        if a.from_file:
+            lines = Path(a.from_file).read_text(encoding="utf-8").splitlines()
+            items += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--from-file {a.from_file}: {e}")
+    if not items:
+        parser.error("no checkpoints given (paths, globs or --from-file)")
+    if a.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {a.jobs}")
+    args = BatchArgs(tuple(items), a.repo, a.name, a.jobs, a.eval_corpus, a.report, a.force, not a.no_progress)
+    t0 = time.perf_counter()
+    try:
+        rows = run_batch(args)
+    except (ValueError, OSError) as e:  # the eval corpus or the repository itself
+        print(f"rnn-export batch: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rnn-export batch: interrupted; published versions are complete, nothing partial remains",
+              file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    print(table(rows))
+    for r in rows:
+        if r["status"] == "failed":
+            print(f"rnn-export batch: FAILED {r['checkpoint']}: {r['error']}", file=sys.stderr)
+    if args.report:
+        write_report(args.report, rows, args, seconds)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
+def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
+    """Every version in a repository with its status; `default` marks the newest usable version per model."""
+    repo = Path(repo)
+    out: list[dict[str, Any]] = []
+    for name_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rows = []
+        for v in version_numbers(name_dir):
+            d = name_dir / str(v)
+            row: dict[str, Any] = {"model": name_dir.name, "version": v, "cell": None, "hidden_size": None,
+                                   "layers": None, "val_loss": None, "size": 0, "default": False, "status": "ok"}
+            try:
+                if verify:
+                    meta = verify_version_dir(d)
+                else:
+                    meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
+                    _check_meta(meta, d / "model.json", d)
+                    for f in ("model.onnx", "sequence.onnx"):
+                        if sha256_file(d / f) != meta["files"][f]:
+                            raise ModelFormatError(f"{d / f}: sha256 does not match model.json")
+                row.update(cell=meta["cell"], hidden_size=meta["hidden_size"], layers=meta["layers"],
+                           val_loss=meta["metrics"].get("val_loss"),
+                           size=sum((d / f).stat().st_size for f in ("model.onnx", "sequence.onnx")))
+            except (OSError, ValueError) as e:
+                row["status"] = f"broken: {e}"
+            rows.append(row)
+        usable = [r for r in rows if r["status"] == "ok"]
+        if usable:
+            usable[-1]["default"] = True
+        out += rows
+    return out
+
+
+def main_list(argv: list[str]) -> int:
+    """`rnn-export list REPO`: models, versions, cell types, val loss and the default (latest usable) version."""
+    p = argparse.ArgumentParser(prog="rnn-export list", description="Index of a model repository.")
+    p.add_argument("repo", help="model repository folder")
+    p.add_argument("--verify", action="store_true", help="also load every version in onnxruntime")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    if not Path(a.repo).is_dir():
+        print(f"rnn-export list: error: repository {a.repo} does not exist or is not a folder", file=sys.stderr)
+        return 1
+    rows = scan(a.repo, a.verify)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'MODEL':24} {'VER':>4} {'CELL':6} {'HIDDEN':>6} {'LAYERS':>6} {'VAL_LOSS':>8} {'SIZE':>8}  DEFAULT  STATUS")
+    for r in rows:
+        vl = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        print(f"{r['model']:24} {r['version']:>4} {r['cell'] or '-':6} {r['hidden_size'] or '-':>6} "
+              f"{r['layers'] or '-':>6} {vl:>8} {_size(r['size']) if r['size'] else '-':>8}  "
+              f"{'*' if r['default'] else '':7}  {r['status']}")
+    if not rows:
+        print(f"(no versions in {a.repo})")
+    return 0
