@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import json
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -315,5 +316,28 @@ def test_idle_timeout_names_the_expiry(tiny_repo: Path) -> None:
         assert "NOT_FOUND" in status_of(e.value)
         assert "sequence id 'slow' of model 'tiny' expired after 0.3 s idle" in msg and "sequence_start" in msg
         assert s.client.get_model_config("tiny").config.sequence_batching.max_sequence_idle_microseconds == 300_000
+    finally:
+        s.close()
+
+
+def test_versions_are_visible_and_a_sequence_keeps_its_version(tiny_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    shutil.copytree(repo / "tiny" / "1", repo / "tiny" / "2")
+    meta = json.loads((repo / "tiny" / "2" / "model.json").read_text())
+    (repo / "tiny" / "2" / "model.json").write_text(json.dumps({**meta, "version": 2}))
+    s = Served(repo, serve_versions=0)
+    try:
+        c = s.client
+        assert list(c.get_model_metadata("tiny").versions) == ["1", "2"]
+        assert c.get_model_config("tiny").config.version_policy.HasField("all")
+        assert c.is_model_ready("tiny", "1") and c.is_model_ready("tiny", "2")
+        assert c.infer("tiny", [tokens_input([1])]).get_response().model_version == "2"  # latest
+        r = c.infer("tiny", [tokens_input([1])], model_version="1", sequence_id=5, sequence_start=True)
+        assert r.get_response().model_version == "1"
+        assert c.infer("tiny", [tokens_input([2])], sequence_id=5).get_response().model_version == "1"
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("tiny", [tokens_input([3])], model_version="2", sequence_id=5)
+        assert "INVALID_ARGUMENT" in status_of(e.value) and "runs on version 1" in e.value.message()
     finally:
         s.close()
