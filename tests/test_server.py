@@ -361,3 +361,23 @@ def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: 
             await old.end()
 
     asyncio.run(main())
+
+
+def test_stop_strings_end_a_generation_and_are_kept(tiny_repo: Path) -> None:
+    async def main() -> None:
+        async with serving(tiny_repo) as (_app, _c, stub):
+            a, b = Stream(stub), Stream(stub)
+            for st in (a, b):
+                await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
+                await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[3, 1, 4])))
+            _, chunks = await a.generate(max_tokens=40)
+            text = "".join(c.chunk.text for c in chunks)
+            stop = text[6:8]
+            cut = next(i for i in range(1, len(text) + 1) if text[:i].endswith(stop))
+            toks, chunks = await b.generate(max_tokens=40, stop=["\u20ac\u20ac", stop], chunk_tokens=3)
+            assert "".join(c.chunk.text for c in chunks) == text[:cut] and len(toks) == cut
+            assert chunks[-1].chunk.finish_reason == pb.FINISH_REASON_STOP and chunks[-1].chunk.steps == 3 + cut
+            await a.end()
+            await b.end()
+
+    asyncio.run(main())
