@@ -1,27 +1,15 @@
 """Pick the onnxruntime execution provider: CUDA when a usable GPU is present, else CPU, quietly."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import logging
+from pathlib import Path
 
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
-
-# What the CUDA provider of onnxruntime-gpu links against (CUDA 12 or 13 builds).
-_CUDA_LIBS = (("libcudart.so.13", "libcudart.so.12"), ("libcublas.so.13", "libcublas.so.12"),
-              ("libcublasLt.so.13", "libcublasLt.so.12"))
-
-
-def _load_any(names: tuple[str, ...]) -> str | None:
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return name
-        except OSError:
-            continue
-    return None
-
 
 def _gpu_count() -> tuple[int, str]:
     """Ask the CUDA driver directly how many devices it sees (no onnxruntime noise)."""
@@ -37,16 +25,33 @@ def _gpu_count() -> tuple[int, str]:
     return n.value, f"{n.value} CUDA device(s)"
 
 
+def _provider_loads() -> str | None:
+    """Load onnxruntime's CUDA provider library ourselves: None if its CUDA libraries resolve, else why not."""
+    capi = Path(ort.__file__).parent / "capi"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:  # CUDA/cuDNN from the nvidia-* wheels, when installed that way (prints on failure: captured)
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001  (absent in older builds, or nothing to preload)
+            log.debug("preload_dlls: %s", e)
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError as e:
+        if "cannot open shared object file" in str(e):  # a CUDA library it links is missing
+            return str(e).split(":")[0] + " is missing"
+    return None  # other errors (symbols onnxruntime binds itself) do not predict a failure
+
+
 def cuda_usable() -> tuple[bool, str]:
-    """Whether the CUDA provider would really run here, and why (not)."""
+    """Whether the CUDA provider would really run here, and why (not), without onnxruntime's noise."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "this onnxruntime build has no CUDA provider"
     count, why = _gpu_count()
     if count == 0:
         return False, why
-    for names in _CUDA_LIBS:
-        if _load_any(names) is None:
-            return False, f"{why} but the CUDA runtime library {names[0]} is missing"
+    missing = _provider_loads()
+    if missing:
+        return False, f"{why} but the CUDA provider cannot load: {missing}"
     return True, why
 
 

@@ -92,3 +92,18 @@ def test_sigterm_drains_a_generation_and_exits_zero(tiny_repo: Path, tmp_path: P
         log.close()
     out = (tmp_path / "server.log").read_text()
     assert "provider: CPUExecutionProvider" in out and "draining" in out and "Traceback" not in out, out
+
+
+def test_provider_choice_is_quiet_and_says_why(capfd) -> None:
+    from server import providers
+
+    assert providers.choose("cpu") == (["CPUExecutionProvider"], "--device cpu")
+    chosen, why = providers.choose("auto")
+    assert chosen[-1] == "CPUExecutionProvider" and why
+    ok, _ = providers.cuda_usable()
+    assert (chosen[0] == "CUDAExecutionProvider") == ok
+    if not ok:
+        with pytest.raises(RuntimeError, match="CUDA is not usable"):
+            providers.choose("cuda")
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
