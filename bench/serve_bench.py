@@ -28,7 +28,7 @@ import _ceilings
 import _procs
 import rnnserve.v1.rnnserve_pb2 as pb
 
-from client.aio import AsyncClient
+from client.aio import AsyncClient, AsyncSession
 
 log = logging.getLogger("serve_bench")
 PINGPONG_SESSIONS = (1, 16, 64)
@@ -127,36 +127,34 @@ async def pingpong(target: str, model: str, sessions: int, seconds: float, echo:
 
 # --- generation -----------------------------------------------------------------------------------------
 
-async def _generate_worker(client: AsyncClient, model: str, deadline: float, max_tokens: int,
-                           ttft: list[float]) -> int:
-    s = await client.session(model)
-    await s.feed(s.model.vocab[0], output="none")
+async def _generate_worker(s: AsyncSession, deadline: float, max_tokens: int, ttft: list[float]) -> int:
     tokens = 0
-    try:
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            first = True
-            async for chunk in s.generate_chunks(max_tokens, temperature=1.0):
-                now = time.perf_counter()
-                if now >= deadline:
-                    return tokens
-                if first:
-                    ttft.append((now - t0) * 1e3)
-                    first = False
-                tokens += len(chunk.tokens)
-        return tokens
-    finally:
-        s.detach()  # cancels a generation still running; the server stops it at once
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        first = True
+        async for chunk in s.generate_chunks(max_tokens, temperature=1.0):
+            now = time.perf_counter()
+            if now >= deadline:
+                return tokens
+            if first:
+                ttft.append((now - t0) * 1e3)
+                first = False
+            tokens += len(chunk.tokens)
+    return tokens
 
 
 async def generation(target: str, model: str, sessions: int, seconds: float, max_tokens: int) -> Point:
     """`sessions` concurrent sessions, each generating `max_tokens` at a time until the deadline."""
     async with AsyncClient(target) as client:
+        opened = await asyncio.gather(*(client.session(model) for _ in range(sessions)))
+        await asyncio.gather(*(s.feed(s.model.vocab[0], output="none") for s in opened))
         ttft: list[float] = []
         t0 = time.perf_counter()
-        counts = await asyncio.gather(*(_generate_worker(client, model, t0 + seconds, max_tokens, ttft)
-                                        for _ in range(sessions)))
+        counts = await asyncio.gather(*(_generate_worker(s, t0 + seconds, max_tokens, ttft) for s in opened))
         wall = time.perf_counter() - t0
+        for s in opened:
+            s.detach()  # cancels a generation still running: the server stops it at once
+        await asyncio.gather(*(client.close_session(s.session_id) for s in opened))
     return Point(sum(counts) / wall, ttft)
 
 
