@@ -70,6 +70,7 @@ class App:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         await self._set_health(self.engine.ready)
+        self.engine.on_models_changed.append(lambda: self._set_health(self.engine.ready))
         log.info("serving on %s:%d (metrics %s), models: %s", s.host, self.port,
                  self.metrics_port if self.metrics_port >= 0 else "off",
                  ", ".join(mv.key for mv, _ in self.engine.list_models()) or "none")

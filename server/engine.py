@@ -100,6 +100,7 @@ class Engine:
         self.provider = ""
         self._generations: set[Generation] = set()
         self._retired: set[ModelVersion] = set()
+        self.on_models_changed: list = []  # async callables run after a scan changed what is served
         self._watcher: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -136,6 +137,9 @@ class Engine:
             self.repo.unload(mv)
             self._retired.add(mv)
             log.info("retired %s: no new sessions, %d live", mv.key, self.table.sessions_of(mv))
+        if added or removed:
+            for hook in self.on_models_changed:
+                await hook()
         for mv in list(self._retired):
             if self.table.sessions_of(mv) == 0:
                 self._retired.discard(mv)

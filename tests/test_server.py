@@ -331,10 +331,19 @@ def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: 
     import shutil
 
     repo = tmp_path / "repo"
-    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    repo.mkdir()
 
     async def main() -> None:
-        async with serving(repo, poll_interval=0.1) as (app, _c, stub):
+        async with serving(repo, poll_interval=0.1) as (app, ch, stub):
+            health = health_pb2_grpc.HealthStub(ch)
+            check = health_pb2.HealthCheckRequest(service="")
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            shutil.copytree(tiny_repo / "tiny", repo / "tiny")  # the first model appears
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
+                assert loop.time() < end, "never SERVING after a model appeared"
+                await asyncio.sleep(0.05)
             old = Stream(stub)
             r = await old.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
             assert r.opened.model.version == 1
@@ -344,7 +353,6 @@ def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: 
             meta["version"] = 2
             (tmp_path / "v2" / "model.json").write_text(json.dumps(meta))
             (tmp_path / "v2").rename(repo / "tiny" / "2")  # published atomically
-            loop = asyncio.get_running_loop()
             end = loop.time() + 10
             while app.engine.model("tiny").version != 2:
                 assert loop.time() < end, "version 2 was not picked up"
