@@ -316,7 +316,9 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     blobs = {f: p.SerializeToString() for f, p in protos.items()}
     step, seq = ort_session(blobs["model.onnx"]), ort_session(blobs["sequence.onnx"])
     checks = og.parity(model, step, seq)
-    limits = {"step": step_tol, "sequence_vs_step": seq_tol, "sequence_vs_torch": seq_tol}
+    # sequence vs torch over 256 steps: the two float32 implementations differ by rounding that scales
+    # with the logits (about 1e-4 at |logits| ~ 20, H=512), so that limit is relative to their scale
+    limits = {"step": step_tol, "sequence_vs_step": seq_tol, "sequence_vs_torch": seq_tol * checks["logit_scale"]}
     failed = [f"{k} max abs diff {checks[k]:.3g} > {limits[k]:.3g}" for k in limits if not checks[k] <= limits[k]]
     if failed:
         raise ExportError(f"{name}: parity check failed: {'; '.join(failed)}")
