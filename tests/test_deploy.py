@@ -259,6 +259,22 @@ def test_jobs_and_monitoring_profiles():
     assert targets == [f"server:{c['services']['server']['environment']['RNNSERVE_METRICS_PORT']}"]
 
 
+def test_job_commands_parse_and_chain():
+    """The jobs' default arguments parse with the real CLIs, and export publishes what train wrote."""
+    from trainer import export, train
+    c = resolved(COMPOSE)
+    train_args = train.build_parser().parse_args(c["services"]["train"]["command"])
+    export_args = export.build_parser().parse_args(c["services"]["export"]["command"])
+    assert Path(export_args.checkpoint) == Path(train_args.out) / "ckpt.pt"
+    assert export_args.repo == c["services"]["server"]["environment"]["RNNSERVE_MODELS"]
+    corpus = [a for i, a in stages(TRAINER_DF)["trainer"] if i == "COPY" and "--from" not in a]
+    assert any(a.endswith(f" {train_args.data}") for a in corpus), (train_args.data, corpus)
+    assert export_args.eval_corpus == train_args.data
+    for job in ("train", "export"):
+        mounts = dict(v.split(":")[:2][::-1] for v in c["services"][job]["volumes"])
+        assert mounts["/models"] == "models" and mounts["/runs"] == "runs", mounts
+
+
 def test_docker_compose_config():
     """`docker compose config` (no engine needed) accepts every file and profile combination."""
     docker = shutil.which("docker")
