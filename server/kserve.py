@@ -131,8 +131,10 @@ class KServeServicer:
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
-        try:
-            return await self._infer(request, self.pb.ModelInferResponse())
+        work = asyncio.ensure_future(self._infer(request, self.pb.ModelInferResponse()))
+        work.add_done_callback(_retrieve)
+        try:  # shielded: a client that goes away does not cut a sequence's step (an END still closes)
+            return await asyncio.shield(work)
         except (ServeError, ProtocolError) as e:
             await self._abort(context, e.code, e.message)
 
@@ -157,35 +159,37 @@ class KServeServicer:
         resp.infer_response.model_name, resp.infer_response.id = req.model_name, req.id
         return resp
 
-    async def ModelStreamInfer(self, requests: AsyncIterator[Any],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        """Requests run concurrently across sequences, in order within one; answers come as they finish."""
-        out: asyncio.Queue = asyncio.Queue()
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        """Requests run concurrently across sequences, in order within one; answers go out as they finish.
+
+        Each request is a task that writes its own answer (one write at a time); requests already read
+        run to the end even when the client goes away (a step is never cut), their answers dropped.
+        """
+        lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
 
-        def done(t: asyncio.Task) -> None:
-            tasks.discard(t)
-            if not t.cancelled():
-                out.put_nowait(t.result())
+        async def answer(req: Any) -> None:
+            resp = await self._stream_one(req)
+            async with lock:
+                if context.done():
+                    return
+                try:
+                    await context.write(resp)
+                except Exception as e:  # noqa: BLE001 (the call ended while we wrote: nobody to answer)
+                    log.debug("KServe stream answer %r dropped: %s", req.id, e)
 
-        async def reader() -> None:
-            async for req in requests:
-                t = asyncio.ensure_future(self._stream_one(req))
-                tasks.add(t)
-                t.add_done_callback(done)
-            while tasks:
-                await asyncio.wait(list(tasks))
-            out.put_nowait(None)
+        async for req in requests:
+            t = asyncio.ensure_future(answer(req))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        while tasks:
+            await asyncio.wait(list(tasks))
 
-        read = asyncio.ensure_future(reader())
-        try:
-            while (resp := await out.get()) is not None:
-                yield resp
-            await read  # surfaces a broken request stream
-        finally:
-            read.cancel()
-            for t in list(tasks):
-                t.cancel()
+
+def _retrieve(t: asyncio.Future) -> None:
+    """Mark a task's exception as seen (its caller may have gone away)."""
+    if not t.cancelled():
+        t.exception()
 
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:

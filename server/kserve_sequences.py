@@ -55,28 +55,21 @@ class Sequences:
 
     # -- ordering ---------------------------------------------------------------------------------
     async def run(self, key: Key, seq: Sequence, name: str, version: int, tokens_of, want_state: bool) -> Step:
-        """Run one request of a sequence after the earlier ones of the same sequence (any stream).
-
-        The step runs as its own task, shielded: a client that goes away does not cut a step in
-        the middle (a sequence_end still closes), and the next request of the sequence waits for it.
-        """
+        """Run one request of a sequence after the earlier ones of the same sequence (any stream)."""
         prev = self._tails.get(key)
-        step = asyncio.ensure_future(self._after(prev, key, seq, name, version, tokens_of, want_state))
-        self._tails[key] = step
-        step.add_done_callback(lambda t: self._release(key, t))
-        return await asyncio.shield(step)
-
-    async def _after(self, prev: asyncio.Future | None, key: Key, seq: Sequence, name: str, version: int,
-                     tokens_of, want_state: bool) -> Step:
-        if prev is not None and not prev.done():
-            await asyncio.wait([prev])  # its outcome is its own caller's business
-        return await self._step(key, seq, name, version, tokens_of, want_state)
-
-    def _release(self, key: Key, t: asyncio.Future) -> None:
-        if self._tails.get(key) is t:
-            del self._tails[key]
-        if not t.cancelled():
-            t.exception()  # retrieved here too, for a caller that went away meanwhile
+        fut = asyncio.get_running_loop().create_future()
+        self._tails[key] = fut
+        try:
+            if prev is not None and not prev.done():
+                await prev
+            return await self._step(key, seq, name, version, tokens_of, want_state)
+        finally:
+            if prev is None or prev.done():
+                fut.set_result(None)
+            else:  # cancelled while waiting: keep the order for those queued behind us
+                prev.add_done_callback(lambda _f: fut.done() or fut.set_result(None))
+            if self._tails.get(key) is fut:
+                del self._tails[key]
 
     # -- one step -----------------------------------------------------------------------------------
     async def _step(self, key: Key, seq: Sequence, name: str, version: int, tokens_of,
