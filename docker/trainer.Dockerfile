@@ -38,11 +38,15 @@ RUN groupadd --system --gid "${GID}" rnnserve \
 COPY --from=build /opt/venv /opt/venv
 # The default corpus, so `docker compose --profile train run train` works with no bind mount.
 COPY --chown=rnnserve:rnnserve data/tinyshakespeare.txt /data/tinyshakespeare.txt
+# The shipped models too: Docker seeds an empty named volume from whichever image mounts it first, so
+# a job run before the server's first start must not leave the shared `models` volume without them.
+COPY --chown=rnnserve:rnnserve models/ /models/
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MPLBACKEND=Agg \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    HOME=/tmp
 WORKDIR /runs
 USER ${UID}:${GID}
 CMD ["rnn-train", "--help"]
