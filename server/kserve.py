@@ -5,7 +5,8 @@ parameters `sequence_id` (int64 or string), `sequence_start`, `sequence_end`. A 
 engine session like any other. Messages come from a private descriptor pool (server.kserve_proto),
 so this module never clashes with tritonclient's stubs in one process.
 
-Register it on an App with `server.app.register_servicer(server.kserve.register)`.
+rnn-serve registers it (server.main.extra_servicers -> register); an App built by hand takes
+`App(settings, extra=[server.kserve.register])`.
 """
 from __future__ import annotations
 
