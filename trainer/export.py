@@ -305,6 +305,10 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     from trainer import onnx_graph as og
 
     vocab = list(vocab)
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        import copy
+
+        model = copy.deepcopy(model).cpu()  # the checks compare against onnxruntime on the CPU
     _check_inputs(model, vocab, name, version)
     t0 = time.perf_counter()
     protos = {"model.onnx": og.build_step(model, vocab), "sequence.onnx": og.build_sequence(model, vocab)}
