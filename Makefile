@@ -18,6 +18,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_bench.py
 	$(PY) bench/serve_bench.py
+	$(PY) bench/kserve_bench.py
 	$(PY) bench/export_bench.py
 
 # Regenerate the Python stubs from protos/ (tests/test_protos.py fails when they are stale).
