@@ -246,6 +246,13 @@ def test_onnx_val_loss_matches_torch(tiny_repo: Path, tiny_text: str) -> None:
     assert abs(got - want) < 1e-5
 
 
+def test_verify_is_torch_free() -> None:
+    code = ("import sys, trainer.export as e; bad = sorted({'torch', 'onnx'} & set(sys.modules)); "
+            "print(bad, file=sys.stderr); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr  # a server can share it without torch or onnx installed
+
+
 def test_cli_errors(tmp_path: Path, tiny_text: str) -> None:
     r = run_cli(str(tmp_path / "nope.pt"), "--repo", str(tmp_path / "repo"), "--name", "x")
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -257,30 +257,6 @@ def _publish(tmp: Path, name_dir: Path, meta: dict[str, Any], version: int | Non
         return final
 
 
-def onnx_val_loss(seq: ort.InferenceSession, text: str, vocab: list[str], initial_state: np.ndarray,
-                  chunk: int = 2048) -> float:
-    """Mean nats/char on the last 10% of text: one stream from the initial state, chunks carrying state."""
-    index = {c: i for i, c in enumerate(vocab)}
-    unknown = sorted(set(text) - index.keys())
-    if unknown:
-        raise ExportError(f"eval corpus has characters outside the vocabulary: {''.join(unknown[:20])!r}")
-    ids = np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
-    n_val = max(2, int(len(ids) * 0.1))  # as trainer.data.split
-    if len(ids) - n_val < 2:
-        raise ExportError(f"eval corpus of {len(ids)} characters is too short to split 10% off")
-    val = ids[-n_val:]
-    length, total = len(val) - 1, 0.0
-    state = np.asarray(initial_state, dtype=np.float32)[None]  # (1, S)
-    for s in range(0, length, chunk):
-        e = min(s + chunk, length)
-        logits, state = seq.run(None, {"tokens": val[None, s:e], "state": state})  # (1, t, V), (1, S)
-        lg = logits[0].astype(np.float64)  # (t, V)
-        top = lg.max(axis=1)
-        lse = top + np.log(np.exp(lg - top[:, None]).sum(axis=1))  # (t,)
-        total += float((lse - lg[np.arange(e - s), val[s + 1 : e + 1]]).sum())
-    return total / length
-
-
 def _check_inputs(model: RNNModel, vocab: list[str], name: str, version: int | None) -> None:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ExportError(f"model name {name!r} must match {NAME_RE.pattern} (letters, digits, . _ -)")
@@ -331,7 +307,7 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     if eval_text is not None:
         if out_metrics.get("val_loss") is not None:
             out_metrics["val_loss_torch"] = out_metrics["val_loss"]
-        out_metrics["val_loss"] = onnx_val_loss(seq, eval_text, vocab, np.asarray(initial))
+        out_metrics["val_loss"] = og.onnx_val_loss(seq, eval_text, vocab, np.asarray(initial))
     c = model.config
     meta = {"name": name, "version": version or 1, "cell": c.cell, "vocab": vocab, "hidden_size": c.hidden_size,
             "state_size": model.state_size, "layers": c.layers, "embed_size": c.embed_size,

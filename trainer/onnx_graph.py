@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from trainer.export import ExportError
 from trainer.model import RNNModel
 
 OPSET = 17
@@ -250,3 +251,27 @@ def parity(model: RNNModel, step: ort.InferenceSession, seq: ort.InferenceSessio
         finally:
             model.train(was_training)
     return out
+
+
+def onnx_val_loss(seq: ort.InferenceSession, text: str, vocab: list[str], initial_state: np.ndarray,
+                  chunk: int = 2048) -> float:
+    """Mean nats/char on the last 10% of text: one stream from the initial state, chunks carrying state."""
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted(set(text) - index.keys())
+    if unknown:
+        raise ExportError(f"eval corpus has characters outside the vocabulary: {''.join(unknown[:20])!r}")
+    ids = np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
+    n_val = max(2, int(len(ids) * 0.1))  # as trainer.data.split
+    if len(ids) - n_val < 2:
+        raise ExportError(f"eval corpus of {len(ids)} characters is too short to split 10% off")
+    val = ids[-n_val:]
+    length, total = len(val) - 1, 0.0
+    state = np.asarray(initial_state, dtype=np.float32)[None]  # (1, S)
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        logits, state = seq.run(None, {"tokens": val[None, s:e], "state": state})  # (1, t, V), (1, S)
+        lg = logits[0].astype(np.float64)  # (t, V)
+        top = lg.max(axis=1)
+        lse = top + np.log(np.exp(lg - top[:, None]).sum(axis=1))  # (t,)
+        total += float((lse - lg[np.arange(e - s), val[s + 1 : e + 1]]).sum())
+    return total / length
