@@ -29,6 +29,7 @@ from trainer.export import (
 )
 
 STATUSES = ("ok", "skipped", "failed")
+PARITY_KEYS = ("step", "sequence_vs_step", "sequence_vs_torch")  # model.json "checks": max abs differences
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _fill(row: dict[str, Any], path: Path) -> None:
     """Copy version, val_loss, parity error and file sizes from a published folder into a report row."""
     meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
     row.update(path=str(path), version=meta["version"], val_loss=meta["metrics"].get("val_loss"),
-               parity=max(meta.get("checks", {}).values(), default=None),
+               parity=max((v for k, v in meta.get("checks", {}).items() if k in PARITY_KEYS), default=None),
                sizes={f: (path / f).stat().st_size for f in ("model.onnx", "sequence.onnx")})
 
 
