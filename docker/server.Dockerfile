@@ -38,9 +38,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     scripts/install.sh /opt/venv server
 
 # The `gpu` extra adds onnxruntime-gpu's own `cuda`,`cudnn` extras (the nvidia-* wheels) to the same venv.
+# pip only warns about an unknown extra, so check that the libraries the CUDA provider loads are there.
 FROM build AS build-gpu
 RUN --mount=type=cache,target=/root/.cache/pip \
-    scripts/install.sh /opt/venv gpu
+    scripts/install.sh /opt/venv gpu \
+ && for lib in cu13/lib/libcublas.so.13 cu13/lib/libcudart.so.13 cu13/lib/libcurand.so.10 cudnn/lib/libcudnn.so.9; do \
+        test -e "/opt/venv/lib/python3.11/site-packages/nvidia/$lib" || { echo "missing nvidia/$lib" >&2; exit 1; }; \
+    done
 
 # ---- runtime: the venv, the default model repository, a non-root user ------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -349,6 +349,15 @@ def test_server_image_is_torch_free_and_self_contained():
     assert re.search(r"scripts/install\.sh /opt/venv train\b", trainer), trainer
 
 
+def test_install_extras_are_declared():
+    """Every extra the Dockerfiles pass to install.sh exists in pyproject (pip only warns about unknown ones)."""
+    import tomllib
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    for dockerfile in DOCKERFILES:
+        used = set(re.findall(r"scripts/install\.sh /opt/venv (\w+)", dockerfile.read_text()))
+        assert used - {"server"} <= declared, f"{dockerfile.name}: extras {used - {'server'} - declared} undeclared"
+
+
 def test_default_models_are_shipped():
     """models/ holds at least one exported version, so the server image serves out of the box."""
     versions = sorted(p.parent.relative_to(ROOT) for p in (ROOT / "models").glob("*/*/model.json"))
