@@ -103,8 +103,13 @@ def test_chat_carries_state_and_session_resumes(server: str, vocab: list[str]) -
     assert more.returncode == 0, more.stderr
     (label,) = LABEL.findall(more.stderr)
     assert label[0] == sid and int(label[3]) == steps[2] + 5
+    back = cli("rnn-client", "--target", server, "chat", "--session", sid, "--max-tokens", "4",
+               "--temperature", "0", stdin=lines[0] + "\n")
+    assert back.returncode == 0 and f"resumed [session {sid}" in back.stderr, back.stderr
+    after = int(LABEL.findall(back.stderr)[-1][3])
+    assert after > steps[2] + 5 + len(lines[0])
     with Client(server) as c:
-        assert c.get_state(sid).steps == steps[2] + 5
+        assert c.get_state(sid).steps == after
         c.close_session(sid)
 
 
