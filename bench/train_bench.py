@@ -106,37 +106,45 @@ def speed(args: argparse.Namespace) -> dict:
     return out
 
 
+def _train_quality(build, cfg: ModelConfig, train_ids, val_ids, args: argparse.Namespace, seed: int) -> dict:
+    """Train one model args.q_steps steps on the streams in order; its validation nats/char."""
+    sched = TrainArgs(steps=args.q_steps, warmup=args.q_steps // 20)
+    torch.manual_seed(seed)
+    model = build(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, sched))
+    batches = StreamBatches(train_ids, args.batch, args.seq_len)
+    state = None
+    t0 = time.perf_counter()
+    for _ in range(args.q_steps):
+        x, y, start = batches.next()
+        if start or state is None:
+            state = model.initial_state(args.batch)
+        state = train_step(model, opt, x, y, state)
+        lr_sched.step()
+    val = evaluate(model, val_ids[: args.val_chars], streams=1)
+    return {"val_loss": val, "train_s": time.perf_counter() - t0}
+
+
 def quality(args: argparse.Namespace) -> dict:
-    """Hand Elman vs nn.RNN after the same steps on the same data order."""
+    """Hand Elman vs nn.RNN after the same steps on the same data order, over several seeds."""
     text = load_text(args.data)
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split(vocab.encode(text))
     cfg = ModelConfig(vocab_size=len(vocab), cell="elman", hidden_size=args.hidden, embed_size=args.embed)
-    sched = TrainArgs(steps=args.q_steps, warmup=args.q_steps // 20)
-    results = {}
-    for name, build in (("hand-elman", RNNModel), ("torch-rnn", TorchModel)):
-        torch.manual_seed(args.seed)
-        model = build(cfg)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, sched))
-        batches = StreamBatches(train_ids, args.batch, args.seq_len)
-        state = None
-        t0 = time.perf_counter()
-        for _ in range(args.q_steps):
-            x, y, start = batches.next()
-            if start or state is None:
-                state = model.initial_state(args.batch)
-            state = train_step(model, opt, x, y, state)
-            lr_sched.step()
-        val = evaluate(model, val_ids[: args.val_chars], streams=1)
-        results[name] = {"val_loss": val, "train_s": time.perf_counter() - t0}
-    diff = results["hand-elman"]["val_loss"] - results["torch-rnn"]["val_loss"]
     print(f"same budget: {args.q_steps} steps of {args.batch}x{args.seq_len}, H={args.hidden}, Adam cosine "
-          f"from {args.lr:g}, clip 1, seed {args.seed}; validation on {args.val_chars} held-out chars")
-    for name, r in results.items():
-        print(f"  {name:11s} val {r['val_loss']:.4f} nats/char  ({r['train_s']:.0f} s)")
-    print(f"  hand - torch = {diff:+.4f} ({'ok: no worse' if diff <= 0 else 'WORSE than nn.RNN'})")
-    return {"quality": results, "diff": diff}
+          f"from {args.lr:g}, clip 1; validation on {args.val_chars} held-out chars from the initial state")
+    rows = []
+    for seed in args.seeds:
+        hand = _train_quality(RNNModel, cfg, train_ids, val_ids, args, seed)
+        ref = _train_quality(TorchModel, cfg, train_ids, val_ids, args, seed)
+        rows.append({"seed": seed, "hand": hand["val_loss"], "torch": ref["val_loss"]})
+        print(f"  seed {seed}: hand-elman {hand['val_loss']:.4f}  nn.RNN {ref['val_loss']:.4f}  "
+              f"diff {hand['val_loss'] - ref['val_loss']:+.4f}")
+    diff = statistics.mean(r["hand"] - r["torch"] for r in rows)
+    print(f"  mean hand - torch = {diff:+.4f} over {len(rows)} seeds "
+          f"({'ok: no worse' if diff <= 0 else 'WORSE than nn.RNN'})")
+    return {"quality": rows, "mean_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", action="store_true", help="run the same-budget quality comparison")
     p.add_argument("--q-steps", type=int, default=300, help="steps for --quality")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds for --quality")
     p.add_argument("--val-chars", type=int, default=20000)
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     p.add_argument("--json", help="also write the figures to this JSON file")

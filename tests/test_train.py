@@ -146,3 +146,18 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "rnn-train: error: corpus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_a_resumable_checkpoint(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", "--data", str(corpus), "--out", str(out),
+                             *TINY, "--steps", "100000", "--eval-every", "100000", "--log-every", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until it is training
+        if "step 3 loss" in line:
+            break
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "resumable" in err and "Traceback" not in err
+    raw = checkpoint.read(out / "ckpt.pt")
+    assert raw["metrics"]["steps"] >= 3 and raw["train"]["position"] == raw["metrics"]["steps"]

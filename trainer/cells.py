@@ -111,8 +111,9 @@ class ElmanScan(torch.autograd.Function):
         da = torch.empty_like(hs)  # (T, B, H): gradient at the pre-activation
         carry = torch.zeros_like(h0)  # (B, H): gradient flowing into h_{t-1}
         w_hc = w_h.contiguous()
+        dtanh = 1.0 - hs * hs  # (T, B, H), for all steps at once
         for t in range(hs.shape[0] - 1, -1, -1):
-            a = torch.mul(g[t] + carry, 1.0 - hs[t] * hs[t], out=da[t])
+            a = torch.mul(g[t] + carry, dtanh[t], out=da[t])
             carry = _linear(a, w_hc)  # (B, H)
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0)  # (T, B, H)
         hidden = hs.shape[-1]
@@ -123,58 +124,57 @@ class ElmanScan(torch.autograd.Function):
 class GRUScan(torch.autograd.Function):
     """The GRU recurrence over projected inputs with a hand-written backward.
 
-    Forward saves the gates r, z, n and h W_hn + b_hn per step; backward walks time in
-    reverse once, then forms dW_h and db_h in one matmul / sum over all steps.
+    Forward saves h, r, z, n per step. Backward first forms every step's local derivative
+    factors in a few whole-sequence ops (h W_hn + b_hn again in one matmul), so the reverse
+    walk over time is four small ops per step; dW_h and db_h are one matmul / sum at the end.
     """
 
     @staticmethod
     def forward(ctx, xp: Tensor, h0: Tensor, w_h: Tensor, b_h: Tensor) -> Tensor:  # xp (T, B, 3H)
         T, H = xp.shape[0], h0.shape[-1]
         hs = xp.new_empty(T, *h0.shape)  # (T, B, H)
-        acts = xp.new_empty(T, h0.shape[0], 4 * H)  # (T, B, 4H): r, z, n, h W_hn + b_hn
+        acts = torch.empty_like(xp)  # (T, B, 3H): r, z, n
         h = h0.contiguous()
         w_ht = w_h.t().contiguous()  # (3H, H)
         for t in range(T):
             hp = _linear(h, w_ht, b_h)  # (B, 3H)
             a = acts[t]
-            rz = torch.sigmoid(xp[t, :, : 2 * H] + hp[:, : 2 * H], out=a[:, : 2 * H])  # (B, 2H)
-            hn = a[:, 3 * H :]
-            hn.copy_(hp[:, 2 * H :])
-            n = torch.tanh(torch.addcmul(xp[t, :, 2 * H :], rz[:, :H], hn), out=a[:, 2 * H : 3 * H])
-            h = torch.addcmul(n, rz[:, H:], h - n)  # (1 - z) n + z h
-            hs[t] = h
-        ctx.save_for_backward(hs, acts, h0, w_h)
+            rz = torch.add(xp[t, :, : 2 * H], hp[:, : 2 * H], out=a[:, : 2 * H]).sigmoid_()  # (B, 2H)
+            n = torch.addcmul(xp[t, :, 2 * H :], rz[:, :H], hp[:, 2 * H :], out=a[:, 2 * H :]).tanh_()
+            h = torch.addcmul(n, rz[:, H:], h - n, out=hs[t])  # (1 - z) n + z h
+        ctx.save_for_backward(hs, acts, h0, w_h, b_h)
         return hs
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # g (T, B, H)
-        hs, acts, h0, w_h = ctx.saved_tensors
-        T, H = hs.shape[0], hs.shape[-1]
-        dhp = torch.empty_like(acts[..., : 3 * H])  # (T, B, 3H): gradient at h W_h + b_h
-        dxp = torch.empty_like(dhp)  # (T, B, 3H): gradient at the projected input
-        carry = torch.zeros_like(h0)  # (B, H)
+        hs, acts, h0, w_h, b_h = ctx.saved_tensors
+        T, B, H = hs.shape
+        h_prev = torch.cat([h0.unsqueeze(0).expand(1, B, H), hs[:-1]], dim=0)  # (T, B, H)
+        hn = torch.addmm(b_h[2 * H :], h_prev.reshape(-1, H), w_h[:, 2 * H :]).view(T, B, H)
+        r, z, n = acts.split(H, dim=-1)  # (T, B, H) each
+        # d(pre-activation)/dh_t for each gate, per step: the backward carry only scales them.
+        a_n = (1.0 - z) * (1.0 - n * n)  # (T, B, H)
+        coef = torch.cat([a_n * hn * r * (1.0 - r), (h_prev - n) * z * (1.0 - z), a_n * r], dim=-1)
+        dhp = torch.empty_like(acts)  # (T, B, 3H): gradient at h W_h + b_h
+        dh_all = torch.empty_like(hs)  # (T, B, H): gradient at each h_t
+        carry = torch.zeros(B, H, dtype=hs.dtype, device=hs.device)
         w_hc = w_h.contiguous()
         for t in range(T - 1, -1, -1):
-            r, z, n, hn = acts[t].split(H, dim=1)
-            h_prev = hs[t - 1] if t > 0 else h0
-            dh = g[t] + carry
-            dan = dh * (1.0 - z) * (1.0 - n * n)  # at n's pre-activation
-            dxp[t, :, :H] = dan * hn * r * (1.0 - r)
-            dxp[t, :, H : 2 * H] = dh * (h_prev - n) * z * (1.0 - z)
-            dxp[t, :, 2 * H :] = dan
-            dhp[t, :, : 2 * H] = dxp[t, :, : 2 * H]
-            dhp[t, :, 2 * H :] = dan * r
-            carry = _linear(dhp[t], w_hc).addcmul_(dh, z)  # (B, H)
-        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0).reshape(-1, H)  # (T*B, H)
+            dh = torch.add(g[t], carry, out=dh_all[t])
+            d = torch.mul(coef[t].view(B, 3, H), dh.unsqueeze(1), out=dhp[t].view(B, 3, H))
+            carry = _linear(d.view(B, 3 * H), w_hc).addcmul_(dh, z[t])  # (B, H)
+        dxp = dhp.clone()
+        dxp[..., 2 * H :] = dh_all * a_n  # the n gate's input side is not scaled by r
         flat = dhp.reshape(-1, 3 * H)
-        return dxp, carry, h_prev.t() @ flat, flat.sum(0)
+        return dxp, carry, h_prev.reshape(-1, H).t() @ flat, flat.sum(0)
 
 
 class LSTMScan(torch.autograd.Function):
     """The LSTM recurrence over projected inputs with a hand-written backward.
 
-    Outputs every h and the last c. Forward saves the activated gates i, f, g, o and the
-    cells; backward walks time in reverse once, then forms dW_h in one matmul.
+    Outputs every h and the last c. Forward saves the activated gates, c and tanh(c) per
+    step; backward walks time in reverse once (cache-sized per-step tensors beat
+    whole-sequence passes here), then forms dW_h in one matmul.
     """
 
     @staticmethod
@@ -182,41 +182,41 @@ class LSTMScan(torch.autograd.Function):
         T, H = xp.shape[0], h0.shape[-1]  # xp (T, B, 4H), h0 c0 (B, H)
         hs = xp.new_empty(T, *h0.shape)  # (T, B, H)
         cs = xp.new_empty(T, *h0.shape)  # (T, B, H)
+        tcs = xp.new_empty(T, *h0.shape)  # (T, B, H): tanh(c)
         acts = torch.empty_like(xp)  # (T, B, 4H): sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
         h, c = h0.contiguous(), c0
         w_ht = w_h.t().contiguous()  # (4H, H)
         for t in range(T):
-            a = acts[t]
-            gates = _linear(h, w_ht).add_(xp[t])  # (B, 4H)
-            torch.sigmoid(gates, out=a)
-            torch.tanh(gates[:, 2 * H : 3 * H], out=a[:, 2 * H : 3 * H])
+            a = torch.add(_linear(h, w_ht), xp[t], out=acts[t])  # (B, 4H)
+            a[:, : 2 * H].sigmoid_()
+            a[:, 2 * H : 3 * H].tanh_()
+            a[:, 3 * H :].sigmoid_()
             c = torch.addcmul(a[:, H : 2 * H] * c, a[:, :H], a[:, 2 * H : 3 * H], out=cs[t])  # (B, H)
-            h = torch.mul(a[:, 3 * H :], torch.tanh(c), out=hs[t])  # (B, H)
-        ctx.save_for_backward(hs, cs, acts, h0, c0, w_h)
+            h = torch.mul(a[:, 3 * H :], torch.tanh(c, out=tcs[t]), out=hs[t])  # (B, H)
+        ctx.save_for_backward(hs, cs, tcs, acts, h0, c0, w_h)
         return hs, cs[-1].clone()
 
     @staticmethod
-    def backward(ctx, g_h: Tensor, g_c: Tensor | None):  # g_h (T, B, H), g_c (B, H)
-        hs, cs, acts, h0, c0, w_h = ctx.saved_tensors
-        T, H = hs.shape[0], hs.shape[-1]
+    def backward(ctx, g_h: Tensor | None, g_c: Tensor | None):  # g_h (T, B, H), g_c (B, H)
+        hs, cs, tcs, acts, h0, c0, w_h = ctx.saved_tensors
+        T, B, H = hs.shape
         da = torch.empty_like(acts)  # (T, B, 4H): gradient at the gate pre-activations
-        carry_h = torch.zeros_like(h0)  # (B, H)
-        carry_c = torch.zeros_like(c0) if g_c is None else g_c.clone()  # (B, H)
+        carry_h = torch.zeros(B, H, dtype=hs.dtype, device=hs.device)
+        carry_c = torch.zeros_like(carry_h) if g_c is None else g_c.clone()
         w_hc = w_h.contiguous()
         for t in range(T - 1, -1, -1):
-            i, f, gg, o = acts[t].split(H, dim=1)
-            c_prev = cs[t - 1] if t > 0 else c0
-            tc = torch.tanh(cs[t])
-            dh = g_h[t] + carry_h
-            dc = torch.addcmul(carry_c, dh * o, 1.0 - tc * tc)
+            i, f, gg, o = acts[t].split(H, dim=1)  # (B, H) each
+            tc, c_prev = tcs[t], (cs[t - 1] if t > 0 else c0)
+            dh = carry_h if g_h is None else g_h[t] + carry_h
+            dc = torch.addcmul(carry_c, dh * o, 1.0 - tc * tc)  # (B, H)
             d = da[t]
-            d[:, :H] = dc * gg * i * (1.0 - i)
-            d[:, H : 2 * H] = dc * c_prev * f * (1.0 - f)
-            d[:, 2 * H : 3 * H] = dc * i * (1.0 - gg * gg)
-            d[:, 3 * H :] = dh * tc * o * (1.0 - o)
+            torch.mul(dc * gg, i * (1.0 - i), out=d[:, :H])
+            torch.mul(dc * c_prev, f * (1.0 - f), out=d[:, H : 2 * H])
+            torch.mul(dc * i, 1.0 - gg * gg, out=d[:, 2 * H : 3 * H])
+            torch.mul(dh * tc, o * (1.0 - o), out=d[:, 3 * H :])
             carry_c = dc * f
             carry_h = _linear(d, w_hc)  # (B, H)
-        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0).reshape(-1, H)  # (T*B, H)
+        h_prev = torch.cat([h0.unsqueeze(0).expand(1, B, H), hs[:-1]], dim=0).reshape(-1, H)  # (T*B, H)
         return da, carry_h, carry_c, h_prev.t() @ da.reshape(-1, 4 * H)
 
 

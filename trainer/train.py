@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -391,7 +393,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None
         raw = checkpoint.read(ns["resume"])
         if "train" not in raw:
             raise TrainError(f"{ns['resume']} holds no training state (exported or stripped): cannot resume")
-        saved = raw["train"]["args"]
+        saved = {**asdict(TrainArgs()), **raw["train"]["args"]}  # flags added since keep their defaults
         for k in FIXED_ON_RESUME:
             if k in given and given[k] != saved[k] and k != "steps":
                 raise TrainError(f"--{k.replace('_', '-')} cannot change on --resume "
@@ -418,8 +420,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None
     return replace(args), raw, level
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: train, print the final validation loss; clear errors, no traceback."""
+def _train(argv: list[str] | None) -> int:
     try:
         args, raw, level = parse_args(argv)
         logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
@@ -436,10 +437,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rnn-train: interrupted; the checkpoint is resumable with --resume", file=sys.stderr)
         return 130
-    ckpt = run.out / "ckpt.pt"
-    print(json.dumps({"checkpoint": str(ckpt), "steps": run.step, "val_loss": val,
+    print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, "val_loss": val,
                       "wall_time_s": round(run.wall, 1)}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: train, print the final validation loss; clear errors, no traceback.
+
+    SIGTERM saves a resumable checkpoint, as Ctrl-C does (nohup'd runs ignore SIGINT).
+    """
+    def _stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return _train(argv)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _train(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
