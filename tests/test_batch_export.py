@@ -86,6 +86,15 @@ def test_batch_reports_broken_publishes_rest_and_rerun_skips(tmp_path: Path, ckp
     assert rc == 0
     assert [r["status"] for r in json.loads(report.read_text())["results"]] == ["skipped"] * 3
     assert {p: (p / "model.json").stat().st_mtime_ns for p in published(repo)} == before  # nothing rewritten
+    # the same weights, config and vocab in another file (say, different optimizer state): still skipped
+    raw = checkpoint.read(ckpts[2])
+    raw.pop("format")
+    resaved = checkpoint.save(tmp_path / "other" / "c02.pt", {**raw, "train": {"note": "resumed elsewhere"}})
+    assert resaved.read_bytes() != ckpts[2].read_bytes()
+    assert main_batch([str(resaved), "--repo", str(repo), "--report", str(report), "--no-progress",
+                       "--eval-corpus", _corpus(tmp_path)]) == 0
+    assert json.loads(report.read_text())["results"][0]["status"] == "skipped"
+    assert version_numbers(repo / "c02") == [1]
     # a damaged published version is not "already there": it is exported again as a new version
     (repo / "c01" / "1" / "sequence.onnx").write_bytes(b"garbage")
     assert main_batch([str(ckpts[1]), "--repo", str(repo), "--no-progress", "--eval-corpus", _corpus(tmp_path)]) == 0

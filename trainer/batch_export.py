@@ -1,8 +1,9 @@
 """rnn-export batch / rnn-export list: many checkpoints into one repository, and its index.
 
 batch: every checkpoint gets every check of the single export; one whose weights, config and vocab
-(its content hash, recorded in model.json `source`) are already published under its name is skipped,
-so a rerun is cheap and idempotent. Failures are reported and the others still run; exit 1 if any
+(its content hash, recorded in model.json `source`; the same checkpoint file by the same exporter
+short-cuts that without unpickling) are already published under its name is skipped, so a rerun is
+cheap and idempotent. Failures are reported and the others still run; exit 1 if any
 failed. Versions are published by atomic rename (see trainer.export), so a kill leaves only `.tmp-*`
 folders that no reader accepts and the next export cleans up.
 """
@@ -77,17 +78,35 @@ def _fill(row: dict[str, Any], path: Path) -> None:
                sizes={f: (path / f).stat().st_size for f in ("model.onnx", "sequence.onnx")})
 
 
-def find_unchanged(name_dir: Path, content: str, eval_sha: str | None) -> Path | None:
-    """The newest intact version of this model exported from the same content (and eval corpus), if any."""
-    for v in reversed(version_numbers(name_dir)):
+_INDEX: dict[Path, dict[int, dict[str, Any]]] = {}  # per process: name folder -> version -> its "source"
+
+
+def _sources(name_dir: Path) -> dict[int, dict[str, Any]]:
+    """`source` of every published version, newest first; model.json is read once per version per process."""
+    seen = _INDEX.setdefault(name_dir.resolve(), {})
+    for v in version_numbers(name_dir):
+        if v not in seen:
+            try:
+                seen[v] = json.loads((name_dir / str(v) / "model.json").read_text(encoding="utf-8"))["source"]
+            except (OSError, ValueError, KeyError, TypeError):
+                seen[v] = {}  # damaged: never "already there"
+    return {v: seen[v] for v in sorted(seen, reverse=True)}
+
+
+def find_unchanged(name_dir: Path, eval_sha: str | None, content: str | None = None,
+                   ckpt_sha: str | None = None, exporter: str | None = None) -> Path | None:
+    """The newest intact version exported from the same content (or the same checkpoint file by the same
+    exporter) with the same eval corpus, if any."""
+    for v, src in _sources(name_dir).items():
+        same = (content is not None and src.get("content_sha256") == content) or (
+            ckpt_sha is not None and src.get("checkpoint_sha256") == ckpt_sha and src.get("exporter") == exporter)
+        if not same or (eval_sha and src.get("eval_corpus_sha256") != eval_sha):
+            continue
         d = name_dir / str(v)
         try:
             meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
-            src = meta.get("source") or {}
-            if src.get("content_sha256") != content or (eval_sha and src.get("eval_corpus_sha256") != eval_sha):
-                continue
             _check_meta(meta, d / "model.json", d)
-            if all(sha256_file(d / f) == meta["files"][f] for f in ("model.onnx", "sequence.onnx")):
+            if meta["source"] == src and all(sha256_file(d / f) == meta["files"][f] for f in ("model.onnx", "sequence.onnx")):
                 return d
         except (OSError, ValueError):
             continue  # a damaged version is never "already there"
@@ -105,14 +124,19 @@ def export_one(ckpt: str, repo: str, name: str | None, eval_text: str | None, ev
     row = _result(ckpt, name)
     try:
         row["name"] = name = name or default_name(ckpt)
-        loaded = checkpoint.load(ckpt)
-        content = og.content_hash(loaded.model, loaded.vocab)
-        existing = None if force else find_unchanged(Path(repo) / name, content, eval_sha)
+        name_dir = Path(repo) / name
+        ckpt_sha = sha256_file(ckpt)
+        # the same checkpoint file: skip without unpickling it; otherwise compare what it holds
+        existing = None if force else find_unchanged(name_dir, eval_sha, ckpt_sha=ckpt_sha, exporter=og.FORMAT)
+        if existing is None:
+            loaded = checkpoint.load(ckpt)
+            content = og.content_hash(loaded.model, loaded.vocab)
+            existing = None if force else find_unchanged(name_dir, eval_sha, content=content)
         if existing is not None:
             row["status"] = "skipped"
             _fill(row, existing)
         else:
-            source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": sha256_file(ckpt),
+            source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": ckpt_sha,
                       "eval_corpus_sha256": eval_sha}
             path = export_model(loaded.model, loaded.vocab, repo, name, metrics=loaded.metrics,
                                 eval_text=eval_text, source=source)
