@@ -16,6 +16,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class Point:
     rate: float  # steps/s or tokens/s
     lat_ms: list[float] = field(default_factory=list)  # per-step latency or time to first token
     cpu: float = 0.0  # server CPU seconds per second during the window
+    client_cpu: float = 0.0  # this process's (the load generator's) CPU seconds per second
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.lat_ms, q)) if self.lat_ms else float("nan")
@@ -85,7 +87,25 @@ async def _pingpong_worker(step, deadline: float, lats: list[float]) -> int:
         n += 1
 
 
-async def pingpong(target: str, model: str, sessions: int, seconds: float, echo: bool) -> Point:
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Window:
+    """Wall time and CPU (server's and ours) over a measured window."""
+
+    def __init__(self, server_cpu: Callable[[], float]) -> None:
+        self.server_cpu = server_cpu
+        self.t0, self.s0, self.c0 = time.perf_counter(), server_cpu(), _own_cpu()
+
+    def point(self, rate_count: float, lat_ms: list[float]) -> Point:
+        wall = time.perf_counter() - self.t0
+        return Point(rate_count / wall, lat_ms, (self.server_cpu() - self.s0) / wall, (_own_cpu() - self.c0) / wall)
+
+
+async def pingpong(target: str, model: str, sessions: int, seconds: float, echo: bool,
+                   server_cpu: Callable[[], float]) -> Point:
     """`sessions` concurrent streams, each sending one token and waiting for its top-k before the next."""
     lats: list[float] = []
     if echo:
@@ -112,9 +132,9 @@ async def pingpong(target: str, model: str, sessions: int, seconds: float, echo:
             return step
         steps = [stepper(s) for s in opened]
         await asyncio.gather(*(s(1) for s in steps))
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(_pingpong_worker(s, t0 + seconds, lats) for s in steps))
-    wall = time.perf_counter() - t0
+    win = Window(server_cpu)
+    counts = await asyncio.gather(*(_pingpong_worker(s, win.t0 + seconds, lats) for s in steps))
+    point = win.point(sum(counts), lats)
     if echo:
         for c in calls:
             c.cancel()
@@ -122,7 +142,7 @@ async def pingpong(target: str, model: str, sessions: int, seconds: float, echo:
     else:
         await asyncio.gather(*(s.close() for s in opened))
         await client.close()
-    return Point(sum(counts) / wall, lats)
+    return point
 
 
 # --- generation -----------------------------------------------------------------------------------------
@@ -143,19 +163,20 @@ async def _generate_worker(s: AsyncSession, deadline: float, max_tokens: int, tt
     return tokens
 
 
-async def generation(target: str, model: str, sessions: int, seconds: float, max_tokens: int) -> Point:
+async def generation(target: str, model: str, sessions: int, seconds: float, max_tokens: int,
+                     server_cpu: Callable[[], float]) -> Point:
     """`sessions` concurrent sessions, each generating `max_tokens` at a time until the deadline."""
     async with AsyncClient(target) as client:
         opened = await asyncio.gather(*(client.session(model) for _ in range(sessions)))
         await asyncio.gather(*(s.feed(s.model.vocab[0], output="none") for s in opened))
         ttft: list[float] = []
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(_generate_worker(s, t0 + seconds, max_tokens, ttft) for s in opened))
-        wall = time.perf_counter() - t0
+        win = Window(server_cpu)
+        counts = await asyncio.gather(*(_generate_worker(s, win.t0 + seconds, max_tokens, ttft) for s in opened))
+        point = win.point(sum(counts), ttft)
         for s in opened:
             s.detach()  # cancels a generation still running: the server stops it at once
         await asyncio.gather(*(client.close_session(s.session_id) for s in opened))
-    return Point(sum(counts) / wall, ttft)
+    return point
 
 
 class OrtLoop:
@@ -235,38 +256,35 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
     ceilings: dict[int, float] = {}
     try:
         print("ping-pong: 1 token in, top-5 distribution out, per session round trip")
-        print(f"{'sessions':>8}  {'server':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10}")
+        print(f"{'sessions':>8}  {'server':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10} "
+              f"{'client cpu':>10}")
         for n in PINGPONG_SESSIONS:
             for _ in range(args.rounds):  # interleaved, best window of each: contention only slows things
                 for name in ("echo", "nothing", "rnn-serve"):
                     srv = servers[name]
-                    cpu0 = srv.cpu_s()
                     p = await pingpong(srv.target, "nothing" if name == "nothing" else model, n, args.seconds,
-                                       echo=name == "echo")
-                    p.cpu = (srv.cpu_s() - cpu0) / args.seconds
+                                       echo=name == "echo", server_cpu=srv.cpu_s)
                     if (name, n) not in pp or p.rate > pp[name, n].rate:
                         pp[name, n] = p
             for name in ("echo", "nothing", "rnn-serve"):
                 p = pp[name, n]
-                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {p.cpu:>9.0%}")
+                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {p.cpu:>10.0%} {p.client_cpu:>10.0%}")
         for name in ("echo", "nothing"):
             servers.pop(name).stop()
 
         print("\nserver-side generation: tokens/s and time to first token; ceiling = onnxruntime batched loop")
         print(f"{'sessions':>8}  {'tokens/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'ort tokens/s':>13} {'ratio':>7} "
-              f"{'server cpu':>10}")
+              f"{'server cpu':>10} {'client cpu':>10}")
         srv, ort_loop = servers["rnn-serve"], OrtLoop(model_dir)
         for n in GENERATE_SESSIONS:
             for _ in range(args.rounds):
-                cpu0 = srv.cpu_s()
-                p = await generation(srv.target, model, n, args.seconds, args.max_tokens)
-                p.cpu = (srv.cpu_s() - cpu0) / args.seconds
+                p = await generation(srv.target, model, n, args.seconds, args.max_tokens, server_cpu=srv.cpu_s)
                 if n not in gen or p.rate > gen[n].rate:
                     gen[n] = p
                 ceilings[n] = max(ceilings.get(n, 0.0), ort_loop.rate(n, args.seconds))
             p = gen[n]
             print(f"{n:>8}  {p.rate:>10,.0f} {p.pct(50):>8.1f}ms {p.pct(99):>8.1f}ms {ceilings[n]:>13,.0f} "
-                  f"{p.rate / ceilings[n]:>6.2f}x {p.cpu:>10.0%}")
+                  f"{p.rate / ceilings[n]:>6.2f}x {p.cpu:>10.0%} {p.client_cpu:>10.0%}")
         servers.pop("rnn-serve").stop()
 
         print(f"\nmemory: {IDLE_SESSIONS:,} idle sessions on a fresh server")
