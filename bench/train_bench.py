@@ -106,11 +106,26 @@ def speed(args: argparse.Namespace) -> dict:
     return out
 
 
+def copy_torch_init(hand: RNNModel, ref: TorchModel) -> None:
+    """Start the hand Elman from nn.RNN's initial function: same embedding, head, W_x, W_h, b = b_ih + b_hh."""
+    cell = hand.layer_cells[0]
+    with torch.no_grad():
+        hand.embed.weight.copy_(ref.embed.weight)
+        hand.head.weight.copy_(ref.head.weight)
+        hand.head.bias.copy_(ref.head.bias)
+        cell.w_x.copy_(ref.rnn.weight_ih_l0.t())
+        cell.w_h.copy_(ref.rnn.weight_hh_l0.t())
+        cell.b.copy_(ref.rnn.bias_ih_l0 + ref.rnn.bias_hh_l0)
+
+
 def _train_quality(build, cfg: ModelConfig, train_ids, val_ids, args: argparse.Namespace, seed: int) -> dict:
     """Train one model args.q_steps steps on the streams in order; its validation nats/char."""
     sched = TrainArgs(steps=args.q_steps, warmup=args.q_steps // 20)
     torch.manual_seed(seed)
     model = build(cfg)
+    if args.init == "same" and isinstance(model, RNNModel):
+        torch.manual_seed(seed)
+        copy_torch_init(model, TorchModel(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, sched))
     batches = StreamBatches(train_ids, args.batch, args.seq_len)
@@ -133,7 +148,8 @@ def quality(args: argparse.Namespace) -> dict:
     train_ids, val_ids = split(vocab.encode(text))
     cfg = ModelConfig(vocab_size=len(vocab), cell="elman", hidden_size=args.hidden, embed_size=args.embed)
     print(f"same budget: {args.q_steps} steps of {args.batch}x{args.seq_len}, H={args.hidden}, Adam cosine "
-          f"from {args.lr:g}, clip 1; validation on {args.val_chars} held-out chars from the initial state")
+          f"from {args.lr:g}, clip 1; validation on {args.val_chars} held-out chars from the initial state; "
+          f"init: {'the hand cell starts from nn.RNN' + chr(39) + 's initial weights' if args.init == 'same' else 'each its own'}")
     rows = []
     for seed in args.seeds:
         hand = _train_quality(RNNModel, cfg, train_ids, val_ids, args, seed)
@@ -144,7 +160,7 @@ def quality(args: argparse.Namespace) -> dict:
     diff = statistics.mean(r["hand"] - r["torch"] for r in rows)
     print(f"  mean hand - torch = {diff:+.4f} over {len(rows)} seeds "
           f"({'ok: no worse' if diff <= 0 else 'WORSE than nn.RNN'})")
-    return {"quality": rows, "mean_diff": diff}
+    return {"quality": rows, "mean_diff": diff, "init": args.init}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", action="store_true", help="run the same-budget quality comparison")
     p.add_argument("--q-steps", type=int, default=300, help="steps for --quality")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--init", choices=("same", "own"), default="same",
+                   help="--quality: hand Elman starts from nn.RNN's initial weights (same) or its own draw (own)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds for --quality")
     p.add_argument("--val-chars", type=int, default=20000)
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
