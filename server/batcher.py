@@ -64,6 +64,14 @@ class GenRow:
     maxstop: int = 0  # longest stop string
     emitted: bool = False  # a chunk went out already
     cancelled: bool = False
+    uniforms: list[float] = field(default_factory=list)  # drawn ahead from rng, next one last
+
+    def uniform(self) -> float:
+        """The next uniform of this row's stream: the same numbers as rng.random() one by one, drawn in
+        blocks (one numpy call per 64 tokens instead of one per token)."""
+        if not self.uniforms:
+            self.uniforms = self.rng.random(min(64, max(1, self.max_tokens - self.produced))).tolist()[::-1]
+        return self.uniforms.pop()
 
 
 class Batcher:
@@ -175,7 +183,7 @@ class Batcher:
         temp = np.array([r.temperature for r in rows], np.float64)
         topk = np.array([r.top_k for r in rows], np.int64)
         topp = np.array([r.top_p for r in rows], np.float64)
-        u = np.array([r.rng.random() for r in rows], np.float64)  # one uniform per row per token
+        u = np.array([r.uniforms.pop() if r.uniforms else r.uniform() for r in rows])  # (R,) one per token
         ids = sample(logits, temp, topk, topp, u)  # (R,)
         vocab = self.model.vocab
         for r, t in zip(rows, ids.tolist()):
