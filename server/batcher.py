@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.repository import ModelVersion
-from server.sampling import sample
+from server.sampling import sample, top_k as top_k_of
 from server.sessions import Session, SessionTable, StatePool
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class FeedJob:
     session: Session
     tokens: np.ndarray  # (n,) int64
     want: str  # "none" | "last" | "all"
-    future: asyncio.Future
+    future: asyncio.Future  # result: (logits or None, (top ids, top probs) or None)
+    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,12 @@ class Batcher:
                 "last_batch": self.last_batch, "batches": self.batches}
 
     # -- submissions (event loop thread) -----------------------------------------------------------
-    def feed(self, session: Session, tokens: np.ndarray, want: str) -> asyncio.Future:
-        """Queue a feed; the session must be marked busy by the caller; released here when done."""
+    def feed(self, session: Session, tokens: np.ndarray, want: str, top_k: int = 0) -> asyncio.Future:
+        """Queue a feed; the session must be marked busy by the caller; released here when done.
+
+        The future gets (logits, top): logits per `want`, top = (ids, probs) (n, top_k) when top_k > 0."""
         fut = asyncio.get_running_loop().create_future()
-        self._feeds.append(FeedJob(session, tokens, want, fut))
+        self._feeds.append(FeedJob(session, tokens, want, fut, top_k if want != "none" else 0))
         self._wake.set()
         return fut
 
@@ -250,15 +253,20 @@ class Batcher:
             pool.states[step_rows] = state
             pool.logits[step_rows] = logits
             pool.has_logits[step_rows] = True
+            tops = [i for i, j in enumerate(feeds1) if j.top_k]
+            if tops:  # top-k of every feed that asked, in one vectorized call
+                ids, probs = top_k_of(logits[tops], np.array([feeds1[i].top_k for i in tops]))  # (m, K)
+                tops = dict(zip(tops, zip(ids[:, None], probs[:, None])))
             for i, j in enumerate(feeds1):
-                self._done_feed(j, logits[i:i + 1])
+                self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
         for (g, _, _), (logits, state) in zip(seq_in, out_seq):  # (G, T, V), (G, S)
             gr = [j.session.row for j in g]
             pool.states[gr] = state
             pool.logits[gr] = logits[:, -1]
             pool.has_logits[gr] = True
             for i, j in enumerate(g):
-                self._done_feed(j, logits[i])
+                lg = logits[i] if j.want == "all" else logits[i, -1:]  # (n, V) or (1, V)
+                self._done_feed(j, logits[i], top_k_of(lg, j.top_k) if j.top_k else None)
         if rows:
             self._advance(rows, logits_rows=out_step[0][len(feeds1):])
 
@@ -271,17 +279,17 @@ class Batcher:
                    for _, t, s in seq_in]
         return out_step, out_seq
 
-    def _done_feed(self, j: FeedJob, logits: np.ndarray) -> None:
+    def _done_feed(self, j: FeedJob, logits: np.ndarray, top) -> None:
         j.session.steps += len(j.tokens)
         self.table.finish_op(j.session)
         if j.future.done():
             return
         if j.want == "none":
-            j.future.set_result(None)
+            j.future.set_result((None, None))
         elif j.want == "last":
-            j.future.set_result(logits[-1:].copy())
+            j.future.set_result((logits[-1:].copy(), top))
         else:
-            j.future.set_result(logits.copy())
+            j.future.set_result((logits.copy(), top))
 
     def _advance(self, rows: list[GenRow], logits_rows: np.ndarray) -> None:
         """After a step: count it, finish completed rows, sample the next token of the others."""

@@ -44,6 +44,7 @@ class FeedResult:
     fed: int
     logits: np.ndarray | None
     steps: int
+    top: tuple[np.ndarray, np.ndarray] | None = None  # (n, >= top_k) ids, probs when feed asked top_k
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,9 @@ class Engine:
     @staticmethod
     def check_tokens(mv: ModelVersion, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Token ids -> (n,) int64; INVALID_ARGUMENT naming the first id outside [0, vocab)."""
+        V = mv.vocab_size
+        if type(tokens) is list and len(tokens) <= 8 and all(type(t) is int and 0 <= t < V for t in tokens):
+            return np.array(tokens, np.int64)  # the common ping-pong case, without the array checks
         arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
         bad = np.nonzero((arr < 0) | (arr >= mv.vocab_size))[0]
         if len(bad):
@@ -272,8 +276,11 @@ class Engine:
         return self.table.get(session_id).model
 
     async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
-                   output: str = "last") -> FeedResult:
-        """Push text or token ids through a session (1 token: batched step; more: sequence.onnx)."""
+                   output: str = "last", top_k: int = 0) -> FeedResult:
+        """Push text or token ids through a session (1 token: batched step; more: sequence.onnx).
+
+        top_k > 0 also returns the top-k ids and probabilities of each returned step (FeedResult.top),
+        computed once for the whole batch."""
         self._accepting()
         if output not in OUTPUTS:
             raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -283,8 +290,10 @@ class Engine:
         if len(ids) == 0:
             raise InvalidArgument("feed has no tokens: send text or token ids")
         s.busy = True
-        logits = await asyncio.shield(self.batchers[mv].feed(s, ids, output))
-        return FeedResult(len(ids), logits, s.steps)
+        # no shield: a cancelled caller cancels only this future; the batcher still runs the step and
+        # releases the session (FeedJob bookkeeping does not depend on the future)
+        logits, top = await self.batchers[mv].feed(s, ids, output, max(0, int(top_k)))
+        return FeedResult(len(ids), logits, s.steps, top)
 
     async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
                     state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

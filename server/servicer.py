@@ -12,6 +12,7 @@ import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from server.engine import Engine, FeedResult
 from server.errors import FailedPrecondition, InvalidArgument, ServeError
 from server.repository import ModelVersion
+from server.sampling import top_k as sample_top_k
 
 log = logging.getLogger(__name__)
 
@@ -30,28 +31,24 @@ def model_info(mv: ModelVersion, latest: bool) -> pb.ModelInfo:
                         layers=int(m.get("layers") or 0), metrics=metrics, latest=latest)
 
 
-def distributions(logits: np.ndarray | None, top_k: int, want_logits: bool) -> list[pb.Distribution]:
-    """(n, V) logits -> one Distribution each: top-k ids/probabilities and/or the raw logits."""
+def distributions(logits: np.ndarray | None, top_k: int, want_logits: bool,
+                  top: tuple[np.ndarray, np.ndarray] | None = None) -> list[pb.Distribution]:
+    """(n, V) logits -> one Distribution each: top-k ids/probabilities and/or the raw logits.
+
+    `top`: (ids, probs) (n, >= k) already computed by the batcher for the whole batch, else computed here."""
     if logits is None:
         return []
     if not top_k and not want_logits:
         want_logits = True  # asked for a distribution but said nothing about its form: the full logits
-    out = []
     k = min(int(top_k), logits.shape[1])
-    if k:
-        z = logits - logits.max(axis=1, keepdims=True)  # (n, V)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        top = np.argsort(-p, axis=1, kind="stable")[:, :k]  # (n, k)
-    for i in range(logits.shape[0]):
-        d = pb.Distribution()
-        if k:
-            d.top_ids.extend(top[i].tolist())
-            d.top_probs.extend(p[i, top[i]].tolist())
-        if want_logits:
-            d.logits.extend(logits[i].tolist())
-        out.append(d)
-    return out
+    if not k:
+        return [pb.Distribution(logits=row) for row in logits.tolist()]
+    if top is None or top[0].shape[1] < k:
+        top = sample_top_k(logits, k)
+    ids, probs = top[0][:, :k].tolist(), top[1][:, :k].tolist()  # (n, k)
+    if want_logits:
+        return [pb.Distribution(top_ids=i, top_probs=q, logits=row) for i, q, row in zip(ids, probs, logits.tolist())]
+    return [pb.Distribution(top_ids=i, top_probs=q) for i, q in zip(ids, probs)]
 
 
 class RnnServeServicer(pb_grpc.RnnServeServicer):
@@ -89,9 +86,9 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         if which is None:
             raise InvalidArgument("feed has no input: set text or tokens")
         data = f.text if which == "text" else list(f.tokens.ids)
-        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output])
+        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output], top_k=f.top_k)
         return pb.FeedResult(fed=res.fed, steps=res.steps,
-                             distributions=distributions(res.logits, f.top_k, f.logits))
+                             distributions=distributions(res.logits, f.top_k, f.logits, res.top))
 
     # -- the session stream ---------------------------------------------------------------------------
     async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest],
