@@ -39,6 +39,9 @@ FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout"
                    "lr", "schedule", "warmup", "clip", "seed", "steps")
 
 
+_STOP = threading.Event()  # set by SIGTERM/SIGINT; the loop stops between steps, so state stays whole
+
+
 class TrainError(ValueError):
     """Bad input to the trainer, reported on stderr without a traceback."""
 
@@ -290,6 +293,8 @@ class Run:
                     self.wall += time.perf_counter() - t0
                     log.info("step %d val_loss %.4f", self.step, val)
                     self.save()
+                if _STOP.is_set():
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving a resumable checkpoint", self.step)
             self.save()
@@ -445,18 +450,20 @@ def _train(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: train, print the final validation loss; clear errors, no traceback.
 
-    SIGTERM saves a resumable checkpoint, as Ctrl-C does (nohup'd runs ignore SIGINT).
+    SIGTERM and Ctrl-C stop between steps and save a resumable checkpoint.
     """
-    def _stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    def _stop(_signum: int, _frame: Any) -> None:
+        _STOP.set()  # finish the current step, then checkpoint and exit
 
+    _STOP.clear()
     if threading.current_thread() is not threading.main_thread():
         return _train(argv)
-    previous = signal.signal(signal.SIGTERM, _stop)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _train(argv)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
