@@ -27,7 +27,7 @@ SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 SERVER_DF = ROOT / "docker" / "server.Dockerfile"
 TRAINER_DF = ROOT / "docker" / "trainer.Dockerfile"
 DOCKERFILES = [SERVER_DF, TRAINER_DF]
-# The server's settings contract (docs/TEAM.md); server/settings.py is checked against it when present.
+# The server's settings contract (README.md, "Serving": the settings list); server/settings.py is checked against it when present.
 CONTRACT_ENV = {
     "RNNSERVE_MODELS", "RNNSERVE_HOST", "RNNSERVE_PORT", "RNNSERVE_METRICS_PORT", "RNNSERVE_PORT_FILE",
     "RNNSERVE_DEVICE", "RNNSERVE_MAX_BATCH", "RNNSERVE_MAX_WAIT_MS", "RNNSERVE_MAX_SESSIONS",

@@ -1,7 +1,7 @@
 """ONNX graphs built directly from an RNNModel's weights, and the parity checks that guard them.
 
 Building with `onnx.helper` instead of tracing is deterministic, takes milliseconds and names the
-inputs and dynamic axes exactly as the contract (docs/TEAM.md) says:
+inputs and dynamic axes exactly as the ONNX contract (README.md, "The ONNX contract") says:
     model.onnx     tokens int64 (B,),   state float32 (B, S) -> logits (B, V),    state_out (B, S)
     sequence.onnx  tokens int64 (B, T), state float32 (B, S) -> logits (B, T, V), state_out (B, S)
 sequence.onnx is a Scan over time around the same step body model.onnx holds. The embedding and
