@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from trainer import checkpoint
 from trainer.cells import CELL_KINDS
 from trainer.data import CorpusError, StreamBatches, Vocab, load_text, split
 from trainer.model import INIT_MODES, ModelConfig, RNNModel
+from trainer.report import append_row, evaluate, load_history, plot_losses, progress_bar, sequence_loss
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,6 @@ class TrainArgs:
     progress: bool = True
 
 
-def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-step cross-entropy summed over time and batch, in nats: (B, T, V), (B, T) -> scalar."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-
-
 def lr_factor(step: int, args: TrainArgs) -> float:
     """Multiplier of --lr at optimiser step `step` (0-based): linear warmup, then cosine to 0 or constant."""
     if args.warmup > 0 and step < args.warmup:
@@ -98,26 +93,6 @@ def clip_gradients(params: list[Tensor], clip: float) -> float:
     """Scale gradients so their global L2 norm is at most `clip` (<= 0: no clipping); return the norm before."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     return float(norm)
-
-
-@torch.no_grad()
-def evaluate(model: RNNModel, ids: np.ndarray, streams: int = 1, chunk: int = 2048,
-             device: str = "cpu") -> float:
-    """Mean nats/char on ids, read as `streams` contiguous streams from the initial state."""
-    was_training = model.training
-    model.eval()
-    length = (len(ids) - 1) // streams
-    data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    rows = torch.stack([data[b * length : b * length + length + 1] for b in range(streams)]).to(device)
-    state = model.initial_state(streams).to(device)  # (S_b, S)
-    total = 0.0
-    for s in range(0, length, chunk):
-        x = rows[:, s : min(s + chunk, length)]  # (S_b, t)
-        y = rows[:, s + 1 : min(s + chunk, length) + 1]
-        logits, state = model(x, state)  # (S_b, t, V)
-        total += float(sequence_loss(logits, y))
-    model.train(was_training)
-    return total / (length * streams)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -193,28 +168,16 @@ class Run:
             self.carry = None if tr["carry"] is None else tr["carry"].to(self.device)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.history = self._load_history()
+        self.history = load_history(self.out / "metrics.jsonl", self.step)
 
     @property
     def tokens(self) -> int:
         """Training tokens consumed so far."""
         return self.step * self.args.batch * self.args.seq_len
 
-    def _load_history(self) -> list[dict[str, Any]]:
-        """metrics.jsonl up to this run's step (lines past a resumed checkpoint are dropped)."""
-        path = self.out / "metrics.jsonl"
-        if self.step == 0 or not path.is_file():
-            path.write_text("")
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["step"] <= self.step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return rows
-
     def _record(self, row: dict[str, Any]) -> None:
         self.history.append(row)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.out / "metrics.jsonl", row)
 
     def train_step(self) -> tuple[float, float]:
         """One TBPTT chunk: forward from the carried state, backward, clip, Adam. Returns (nats/char, norm)."""
@@ -267,7 +230,7 @@ class Run:
         """Train to --steps (or --stop-at), validating and checkpointing every --eval-every steps."""
         a = self.args
         end = a.steps if a.stop_at is None else min(a.steps, a.stop_at)
-        bar = _progress(self.step, end, a.progress)
+        bar = progress_bar(self.step, end, a.progress)
         t_last, tok_last = time.perf_counter(), self.tokens
         self.model.train()
         try:
@@ -305,42 +268,6 @@ class Run:
         if self.step % a.eval_every and self.step != a.steps:
             self.save()  # stopped by --stop-at between validations
         return self.val_loss
-
-
-def _progress(start: int, end: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=end, initial=start, file=sys.stderr, unit="step", mininterval=1.0, dynamic_ncols=True)
-
-
-def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (smoothed) and validation loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps, losses = zip(*train)
-        w = max(1, len(losses) // 100)
-        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1 :], smooth, label=f"train (mean of {w})", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / char")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:

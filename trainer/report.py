@@ -1,0 +1,96 @@
+"""Measuring and recording a training run: the loss, held-out evaluation, metrics.jsonl, loss.png, progress.
+
+Split out of trainer/train.py so the training loop reads on its own; rnn-train and the bench use these.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.model import RNNModel
+
+
+def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-step cross-entropy summed over time and batch, in nats: (B, T, V), (B, T) -> scalar."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model: RNNModel, ids: np.ndarray, streams: int = 1, chunk: int = 2048,
+             device: str = "cpu") -> float:
+    """Mean nats/char on ids, read as `streams` contiguous streams from the initial state."""
+    was_training = model.training
+    model.eval()
+    length = (len(ids) - 1) // streams
+    data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+    rows = torch.stack([data[b * length : b * length + length + 1] for b in range(streams)]).to(device)
+    state = model.initial_state(streams).to(device)  # (S_b, S)
+    total = 0.0
+    for s in range(0, length, chunk):
+        x = rows[:, s : min(s + chunk, length)]  # (S_b, t)
+        y = rows[:, s + 1 : min(s + chunk, length) + 1]
+        logits, state = model(x, state)  # (S_b, t, V)
+        total += float(sequence_loss(logits, y))
+    model.train(was_training)
+    return total / (length * streams)
+
+
+def load_history(path: Path, step: int) -> list[dict[str, Any]]:
+    """metrics.jsonl rows up to `step`, file rewritten to match (a resume drops later lines; step 0 empties it)."""
+    if step == 0 or not path.is_file():
+        path.write_text("")
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def progress_bar(start: int, end: int, enabled: bool):
+    """A tqdm bar on stderr from step `start` to `end`, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=end, initial=start, file=sys.stderr, unit="step", mininterval=1.0, dynamic_ncols=True)
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss (smoothed) and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, losses = zip(*train)
+        w = max(1, len(losses) // 100)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, label=f"train (mean of {w})", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / char")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
