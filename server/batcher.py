@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.repository import ModelVersion
-from server.sampling import sample, top_k as top_k_of
+from server.sampling import sample
+from server.sampling import top_k as top_k_of
 from server.sessions import Session, SessionTable, StatePool
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class Batcher:
     """Gathers the steps of all sessions of one model version into single onnxruntime calls."""
 
     def __init__(self, model: ModelVersion, pool: StatePool, table: SessionTable, max_batch: int,
-                 max_wait_s: float, metrics=None) -> None:
+                 max_wait_s: float, metrics=None, inline_rows: int = 0) -> None:
         self.model = model
+        self.inline_rows = inline_rows  # step batches this small run on the loop thread (no thread hop)
         self.pool = pool
         self.table = table
         self.max_batch = max_batch
@@ -227,7 +229,12 @@ class Batcher:
         self._inflight.update(rows)
         t0 = time.perf_counter()
         try:
-            out_step, out_seq = await loop.run_in_executor(self._exec, self._compute, step_tok, step_state, seq_in)
+            if not (seq_in or rows) and len(step_rows) <= self.inline_rows:  # feeds only: no thread hops
+                out_step, out_seq = self._compute(step_tok, step_state, seq_in)
+                await asyncio.sleep(0)  # let the loop run between steps, as the thread call would
+            else:
+                out_step, out_seq = await loop.run_in_executor(self._exec, self._compute, step_tok, step_state,
+                                                               seq_in)
         except Exception as e:
             self._inflight.difference_update(rows)
             for j in feeds1 + seqs:

@@ -153,7 +153,7 @@ class Engine:
 
     def _add(self, mv: ModelVersion) -> None:
         b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,
-                    self.settings.max_wait_ms / 1000.0, self.metrics)
+                    self.settings.max_wait_ms / 1000.0, self.metrics, self.settings.inline_rows)
         b.start()
         self.batchers[mv] = b
 
