@@ -5,12 +5,21 @@
     tiny-lstm/1  lstm,  H=16, 2 layers
     tiny-gru/1   gru,   H=16, 1 layer
 all over the vocabulary of `tiny_text`. The models are seeded random (untrained) weights.
+
+Helpers shared by several test files: `tiny_model`, `save_tiny_checkpoint`, `SessionStream` (a Session
+stream driven request by request) and the `one_torch_thread` fixture (module scope, opt in with usefixtures).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import rnnserve.v1.rnnserve_pb2 as pb
+    import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 
 TINY_TEXT = """\
 First Citizen:
@@ -63,6 +72,75 @@ def tiny_model(cell: str, hidden: int, layers: int, init_state: str, seed: int, 
         with torch.no_grad():
             model.h0.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+def save_tiny_checkpoint(path: Path, model, val_loss: float, steps: int, **extra) -> Path:
+    """Save `model` (over TINY_TEXT's vocabulary) as a checkpoint rnn-export reads; `extra` adds top-level keys."""
+    from trainer import checkpoint
+
+    return checkpoint.save(path, {
+        "config": model.config.to_dict(), "vocab": sorted(set(TINY_TEXT)), "model": model.state_dict(),
+        "metrics": {"val_loss": val_loss, "steps": steps, "tokens": extra.pop("tokens", 0),
+                    "wall_time_s": extra.pop("wall_time_s", 0.0)}, **extra})
+
+
+class SessionStream:
+    """One rnnserve Session stream driven request by request (a reader task can take it over for a generation)."""
+
+    def __init__(self, stub: pb_grpc.RnnServeStub) -> None:
+        import asyncio
+
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.call = stub.Session(self._reqs())
+        self.rid = 0
+        self.sid = ""
+
+    async def _reqs(self):
+        while (r := await self.q.get()) is not None:
+            yield r
+
+    async def send(self, **kind) -> pb.SessionResponse:
+        """Send one request and read its first answer."""
+        import rnnserve.v1.rnnserve_pb2 as pb
+
+        self.rid += 1
+        await self.q.put(pb.SessionRequest(request_id=self.rid, **kind))
+        resp = await self.call.read()
+        assert resp.request_id == self.rid, resp
+        if resp.WhichOneof("kind") == "opened":
+            self.sid = resp.session_id
+        return resp
+
+    async def generate(self, **g) -> tuple[list[int], list[pb.SessionResponse]]:
+        """Run a generation to its last chunk."""
+        import rnnserve.v1.rnnserve_pb2 as pb
+
+        first = await self.send(generate=pb.Generate(**g))
+        chunks = [first]
+        while chunks[-1].WhichOneof("kind") == "chunk" and not chunks[-1].chunk.done:
+            chunks.append(await self.call.read())
+        return [t for c in chunks for t in c.chunk.tokens], chunks
+
+    async def rest_of_generation(self, first: pb.SessionResponse) -> list[pb.GenerateChunk]:
+        """The chunks of a generation from its first answer to the one with done=True."""
+        chunks = [first.chunk]
+        while not chunks[-1].done:
+            chunks.append((await self.call.read()).chunk)
+        return chunks
+
+    async def end(self) -> None:
+        await self.q.put(None)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: a second torch thread only waits on a busy shared machine (use with pytest.mark.usefixtures)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY_TEXT, tiny_model
+from conftest import TINY_TEXT, save_tiny_checkpoint, tiny_model
 
 from trainer import checkpoint
 from trainer import onnx_graph as og
@@ -24,25 +23,16 @@ VOCAB = sorted(set(TINY_TEXT))
 CELLS = ("elman", "gru", "lstm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """30 small seeded checkpoints, c00..c29 (cells and layer counts rotate)."""
     folder = tmp_path_factory.mktemp("ckpts")
-    out = []
-    for i in range(30):
-        m = tiny_model(CELLS[i % 3], 16, 1 + (i % 2), "zeros", 100 + i, len(VOCAB))
-        out.append(checkpoint.save(folder / f"c{i:02d}.pt", {
-            "config": m.config.to_dict(), "vocab": VOCAB, "model": m.state_dict(),
-            "metrics": {"val_loss": 3.0 + i / 100, "steps": i, "tokens": 0, "wall_time_s": 0.0}}))
-    return out
+    return [save_tiny_checkpoint(folder / f"c{i:02d}.pt", tiny_model(CELLS[i % 3], 16, 1 + (i % 2), "zeros", 100 + i,
+                                                                     len(VOCAB)), val_loss=3.0 + i / 100, steps=i)
+            for i in range(30)]
 
 
 def content(ckpt: Path) -> str:

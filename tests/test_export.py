@@ -16,9 +16,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import save_tiny_checkpoint, tiny_model
 
-from trainer import checkpoint
 from trainer import onnx_graph as og
 from trainer.export import (
     REQUIRED_KEYS,
@@ -33,13 +32,7 @@ from trainer.export import (
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second torch thread only waits on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -281,9 +274,8 @@ def test_end_to_end_train_save_export_run(tmp_path: Path, tiny_text: str) -> Non
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.5
     model.eval()
-    ckpt = checkpoint.save(tmp_path / "run" / "ckpt.pt", {
-        "config": model.config.to_dict(), "vocab": vocab, "model": model.state_dict(),
-        "metrics": {"val_loss": 2.5, "steps": 30, "tokens": 30 * 448, "wall_time_s": 1.0}, "train": {}})
+    ckpt = save_tiny_checkpoint(tmp_path / "run" / "ckpt.pt", model, val_loss=2.5, steps=30, tokens=30 * 448,
+                                wall_time_s=1.0, train={})
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(tiny_text)
     r = run_cli(str(ckpt), "--repo", str(tmp_path / "models"), "--eval-corpus", str(corpus))

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
-from conftest import TINY_TEXT, tiny_model
+from conftest import TINY_TEXT, SessionStream, save_tiny_checkpoint, tiny_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import kserve
@@ -57,16 +57,9 @@ def restore_torch_threads():
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """20 seeded Elman checkpoints (H=16, learned non-zero initial state), k00..k19, distinct weights."""
-    from trainer import checkpoint
-
     folder = tmp_path_factory.mktemp("live-ckpts")
-    out = []
-    for i in range(20):
-        m = tiny_model("elman", 16, 1, "learned", 500 + i, len(VOCAB))
-        out.append(checkpoint.save(folder / f"k{i:02d}.pt", {
-            "config": m.config.to_dict(), "vocab": VOCAB, "model": m.state_dict(),
-            "metrics": {"val_loss": 3.0, "steps": i, "tokens": 0, "wall_time_s": 0.0}}))
-    return out
+    return [save_tiny_checkpoint(folder / f"k{i:02d}.pt", tiny_model("elman", 16, 1, "learned", 500 + i, len(VOCAB)),
+                                 val_loss=3.0, steps=i) for i in range(20)]
 
 
 @pytest.fixture(scope="module")
@@ -137,36 +130,13 @@ def logits_of(result: pb.FeedResult) -> np.ndarray:
     return np.array([d.logits for d in result.distributions], np.float32)  # (n, V)
 
 
-class Stream:
-    """One Session stream driven request by request (a reader task can take it over for a generation)."""
-
-    def __init__(self, stub: pb_grpc.RnnServeStub) -> None:
-        self.q: asyncio.Queue = asyncio.Queue()
-        self.call = stub.Session(self._reqs())
-        self.rid = 0
-        self.sid = ""
-
-    async def _reqs(self):
-        while (r := await self.q.get()) is not None:
-            yield r
+class Stream(SessionStream):
+    """A SessionStream for well-formed requests only: an error answer fails the test on the spot."""
 
     async def send(self, **kind) -> pb.SessionResponse:
-        self.rid += 1
-        await self.q.put(pb.SessionRequest(request_id=self.rid, **kind))
-        resp = await self.call.read()
-        assert resp.request_id == self.rid and resp.WhichOneof("kind") != "error", resp
-        if resp.WhichOneof("kind") == "opened":
-            self.sid = resp.session_id
+        resp = await super().send(**kind)
+        assert resp.WhichOneof("kind") != "error", resp
         return resp
-
-    async def rest_of_generation(self, first: pb.SessionResponse) -> list[pb.GenerateChunk]:
-        chunks = [first.chunk]
-        while not chunks[-1].done:
-            chunks.append((await self.call.read()).chunk)
-        return chunks
-
-    async def end(self) -> None:
-        await self.q.put(None)
 
 
 class Reference:

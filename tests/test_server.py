@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from conftest import SessionStream
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -37,41 +38,6 @@ async def serving(repo: Path, **kw):
             yield app, ch, pb_grpc.RnnServeStub(ch)
     finally:
         await app.stop(0.5)
-
-
-class Stream:
-    """One Session stream driven request by request."""
-
-    def __init__(self, stub: pb_grpc.RnnServeStub) -> None:
-        self.q: asyncio.Queue = asyncio.Queue()
-        self.call = stub.Session(self._reqs())
-        self.rid = 0
-        self.sid = ""
-
-    async def _reqs(self):
-        while (r := await self.q.get()) is not None:
-            yield r
-
-    async def send(self, **kind) -> pb.SessionResponse:
-        """Send one request and read its first answer."""
-        self.rid += 1
-        await self.q.put(pb.SessionRequest(request_id=self.rid, **kind))
-        resp = await self.call.read()
-        assert resp.request_id == self.rid
-        if resp.WhichOneof("kind") == "opened":
-            self.sid = resp.session_id
-        return resp
-
-    async def generate(self, **g) -> tuple[list[int], list[pb.SessionResponse]]:
-        """Run a generation to its last chunk."""
-        first = await self.send(generate=pb.Generate(**g))
-        chunks = [first]
-        while chunks[-1].WhichOneof("kind") == "chunk" and not chunks[-1].chunk.done:
-            chunks.append(await self.call.read())
-        return [t for c in chunks for t in c.chunk.tokens], chunks
-
-    async def end(self) -> None:
-        await self.q.put(None)
 
 
 class Reference:
@@ -111,7 +77,7 @@ def test_no_state_crossover_under_random_interleaving(tiny_repo: Path, model: st
     V = len(vocab)
 
     async def client(stub, k: int, rng: random.Random) -> None:
-        st, ref = Stream(stub), Reference(tiny_repo, model)
+        st, ref = SessionStream(stub), Reference(tiny_repo, model)
         assert (await st.send(open=pb.Open(model=pb.ModelRef(name=model)))).WhichOneof("kind") == "opened"
         for _ in range(8):
             await asyncio.sleep(rng.random() * 0.004)
@@ -149,12 +115,12 @@ def test_resume_after_disconnect_and_state_round_trip(tiny_repo: Path) -> None:
     async def main() -> None:
         async with serving(tiny_repo) as (_app, _ch, stub):
             ref = Reference(tiny_repo)
-            st = Stream(stub)
+            st = SessionStream(stub)
             await st.send(open=pb.Open(model=pb.ModelRef(name="tiny", version=1)))
             await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[1, 2, 3]), output=pb.OUTPUT_NONE))
             ref.feed([1, 2, 3])
             st.call.cancel()  # the client goes away
-            st2 = Stream(stub)
+            st2 = SessionStream(stub)
             r = await st2.send(resume=pb.Resume(session_id=st.sid))
             assert r.opened.resumed and r.opened.steps == 3 and r.session_id == st.sid
             r = await st2.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[4]), output=pb.OUTPUT_LAST, logits=True))
@@ -181,7 +147,7 @@ def test_bad_inputs_get_their_code_and_leave_the_session_unchanged(tiny_repo: Pa
 
     async def main() -> None:
         async with serving(tiny_repo, max_generate_tokens=100, max_message_bytes=4096) as (_a, _c, stub):
-            st = Stream(stub)
+            st = SessionStream(stub)
             r = await st.send(feed=pb.Feed(text="a"))
             assert r.error.code == FP.value[0] and "first message must be open" in r.error.message
             r = await st.send(open=pb.Open(model=pb.ModelRef(name="nope")))
@@ -255,7 +221,7 @@ def test_closed_expired_unknown_and_the_session_cap(tiny_repo: Path) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.GetState(pb.GetStateRequest(session_id=sid))
                 assert e.value.code() == NF and "expired after 1 s idle" in e.value.details()
-            st = Stream(stub)
+            st = SessionStream(stub)
             r = await st.send(resume=pb.Resume(session_id=b.session_id))
             assert r.error.code == NF.value[0] and "expired" in r.error.message
             await st.end()
@@ -273,7 +239,7 @@ def test_cancelling_a_generation_frees_its_batch_slot(tiny_repo: Path) -> None:
 
     async def main() -> None:
         async with serving(tiny_repo) as (app, _c, stub):
-            streams = [Stream(stub) for _ in range(3)]
+            streams = [SessionStream(stub) for _ in range(3)]
             for st in streams:
                 await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
                 await st.send(feed=pb.Feed(text=json.loads((tiny_repo / "tiny/1/model.json").read_text())["vocab"][1]))
@@ -284,7 +250,7 @@ def test_cancelling_a_generation_frees_its_batch_slot(tiny_repo: Path) -> None:
             await wait_for(lambda: app.engine.stats("tiny")["generating"] == 2)
             await wait_for(lambda: app.engine.stats("tiny")["last_batch"] == 2)
             # the cancelled session keeps the state it reached and can go on
-            st = Stream(stub)
+            st = SessionStream(stub)
             r = await st.send(resume=pb.Resume(session_id=streams[0].sid))
             assert 1 < r.opened.steps < 4097
             toks, _ = await st.generate(max_tokens=3)
@@ -344,7 +310,7 @@ def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: 
             while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
                 assert loop.time() < end, "never SERVING after a model appeared"
                 await asyncio.sleep(0.05)
-            old = Stream(stub)
+            old = SessionStream(stub)
             r = await old.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
             assert r.opened.model.version == 1
             ref = Reference(repo, "tiny", 1)
@@ -374,7 +340,7 @@ def test_a_new_version_is_picked_up_and_live_sessions_stay_on_theirs(tiny_repo: 
 def test_stop_strings_end_a_generation_and_are_kept(tiny_repo: Path) -> None:
     async def main() -> None:
         async with serving(tiny_repo) as (_app, _c, stub):
-            a, b = Stream(stub), Stream(stub)
+            a, b = SessionStream(stub), SessionStream(stub)
             for st in (a, b):
                 await st.send(open=pb.Open(model=pb.ModelRef(name="tiny")))
                 await st.send(feed=pb.Feed(tokens=pb.TokenIds(ids=[3, 1, 4])))
