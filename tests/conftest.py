@@ -6,20 +6,25 @@
     tiny-gru/1   gru,   H=16, 1 layer
 all over the vocabulary of `tiny_text`. The models are seeded random (untrained) weights.
 
-Helpers shared by several test files: `tiny_model`, `save_tiny_checkpoint`, `SessionStream` (a Session
-stream driven request by request) and the `one_torch_thread` fixture (module scope, opt in with usefixtures).
+Helpers shared by several test files: `tiny_model`, `save_tiny_checkpoint`, `started` (an App running with
+a channel and stub), `SessionStream` (a Session stream driven request by request) and the `one_torch_thread`
+fixture (module scope; opt in with pytest.mark.usefixtures).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    import grpc
     import rnnserve.v1.rnnserve_pb2 as pb
     import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+
+    from server.app import App
 
 TINY_TEXT = """\
 First Citizen:
@@ -82,6 +87,20 @@ def save_tiny_checkpoint(path: Path, model, val_loss: float, steps: int, **extra
         "config": model.config.to_dict(), "vocab": sorted(set(TINY_TEXT)), "model": model.state_dict(),
         "metrics": {"val_loss": val_loss, "steps": steps, "tokens": extra.pop("tokens", 0),
                     "wall_time_s": extra.pop("wall_time_s", 0.0)}, **extra})
+
+
+@asynccontextmanager
+async def started(app: App) -> AsyncIterator[tuple[App, grpc.aio.Channel, pb_grpc.RnnServeStub]]:
+    """Start an in-process App, yield it with a channel and native stub to its port, stop it (0.5 s grace)."""
+    import grpc
+    import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            yield app, ch, pb_grpc.RnnServeStub(ch)
+    finally:
+        await app.stop(0.5)
 
 
 class SessionStream:

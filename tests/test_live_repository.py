@@ -27,7 +27,7 @@ import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
-from conftest import TINY_TEXT, SessionStream, save_tiny_checkpoint, tiny_model
+from conftest import TINY_TEXT, SessionStream, save_tiny_checkpoint, started, tiny_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import kserve
@@ -84,12 +84,8 @@ async def serving(repo: Path, *flags: str, **kw):
     app = App(dataclasses.replace(settings(repo, *flags), **kw))
     if kserve.register not in app.extra:
         app.extra.append(kserve.register)
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-            yield app, ch, pb_grpc.RnnServeStub(ch)
-    finally:
-        await app.stop(0.5)
+    async with started(app) as running:
+        yield running
 
 
 async def listed(stub: pb_grpc.RnnServeStub) -> dict[tuple[str, int], bool]:

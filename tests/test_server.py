@@ -14,8 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
-import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
-from conftest import SessionStream
+from conftest import SessionStream, started
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -32,12 +31,8 @@ async def serving(repo: Path, **kw):
     """An App on an ephemeral port with a channel and stub to it."""
     s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0), **kw)
     app = App(s)
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
-            yield app, ch, pb_grpc.RnnServeStub(ch)
-    finally:
-        await app.stop(0.5)
+    async with started(app) as running:
+        yield running
 
 
 class Reference:
