@@ -234,7 +234,7 @@ class Batcher:
                 await asyncio.sleep(0)  # let the loop run between steps, as the thread call would
             else:
                 out_step, out_seq = await loop.run_in_executor(self._exec, self._compute, step_tok, step_state,
-                                                               seq_in)
+                                                               seq_in, bool(rows))
         except Exception as e:
             self._inflight.difference_update(rows)
             for j in feeds1 + seqs:
@@ -277,11 +277,14 @@ class Batcher:
         if rows:
             self._advance(rows, logits_rows=out_step[0][len(feeds1):])
 
-    def _compute(self, tok, state, seq_in):
-        """Runs in the onnxruntime thread: one step call and one sequence call per feed length."""
+    def _compute(self, tok, state, seq_in, gen: bool = False):
+        """Runs in the onnxruntime thread: one step call and one sequence call per feed length.
+
+        gen: the batch has generating rows; it runs on the step session with generation's threading."""
         out_step = None
         if len(tok):
-            out_step = self.model.step.run(["logits", "state_out"], {"tokens": tok, "state": state})
+            step = self.model.step_gen if gen and self.model.step_gen is not None else self.model.step
+            out_step = step.run(["logits", "state_out"], {"tokens": tok, "state": state})
         out_seq = [self.model.sequence.run(["logits", "state_out"], {"tokens": t, "state": s})
                    for _, t, s in seq_in]
         return out_step, out_seq

@@ -111,7 +111,7 @@ class Engine:
         self.provider = providers[0]
         log.info("onnxruntime provider: %s (%s)", self.provider, why)
         self.repo = Repository(self.settings.models, providers, self.settings.serve_versions,
-                               self.settings.ort_threads)
+                               self.settings.ort_threads, self.settings.ort_gen_threads)
         loop = asyncio.get_running_loop()
         added, _ = await loop.run_in_executor(None, self.repo.scan)
         for mv in added:

@@ -34,6 +34,7 @@ class ModelVersion:
     step: ort.InferenceSession
     sequence: ort.InferenceSession
     char_ids: dict[str, int] = field(default_factory=dict)
+    step_gen: ort.InferenceSession | None = None  # model.onnx with generation's threading (None: step)
 
     def __post_init__(self) -> None:
         self.char_ids = {c: i for i, c in enumerate(self.vocab)}
@@ -119,33 +120,44 @@ def _check_io(sess: ort.InferenceSession, fname: str, rank: int, state_size: int
             raise LoadError(f"{fname} {name!r} last dimension is {shape[-1]}, expected {last}")
 
 
-def load_version(vdir: Path, providers: list[str], threads: int = 1) -> ModelVersion:
-    """Verify one version folder and open its sessions; raises LoadError with the reason.
-
-    threads: intra-op threads (0 = onnxruntime's default, one per core). One is the serving default: the
-    batcher already overlaps onnxruntime with the event loop, and a thread pool spinning on every core
-    takes CPU from gRPC (on 2 cores, ping-pong @64 cost 156 us of server CPU per step with the default
-    threading, 84 us with one thread)."""
-    meta = read_meta(vdir)
+def _options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1  # sequential execution: the inter-op pool would sit idle
+    return opts
+
+
+def load_version(vdir: Path, providers: list[str], threads: int = 1,
+                 gen_threads: int | None = None) -> ModelVersion:
+    """Verify one version folder and open its sessions; raises LoadError with the reason.
+
+    threads: intra-op threads (0 = onnxruntime's default, one per core) for feeds. One is the serving
+    default: a thread pool spinning on every core takes CPU from gRPC (on 2 cores, ping-pong @64 cost
+    156 us of server CPU per step with the default threading, 84 us with one thread).
+    gen_threads: the same for the step calls of batches with generating rows (big batches that keep
+    onnxruntime busy, where more threads pay off: generation @64 105k -> 138k tokens/s with the default);
+    when it differs from `threads`, model.onnx is opened a second time with it."""
+    meta = read_meta(vdir)
+    gen_threads = threads if gen_threads is None else gen_threads
     sessions = {}
-    for fname, rank in (("model.onnx", 1), ("sequence.onnx", 2)):
+    files = [("model.onnx", 1, threads), ("sequence.onnx", 2, threads)]
+    if gen_threads != threads:
+        files.append(("model.onnx", 1, gen_threads))
+    for i, (fname, rank, n) in enumerate(files):
         try:
-            sess = ort.InferenceSession(str(vdir / fname), opts, providers=providers)
+            sess = ort.InferenceSession(str(vdir / fname), _options(n), providers=providers)
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own Fail/InvalidGraph types)
             raise LoadError(f"{fname} does not load in onnxruntime: {e}") from None
         _check_io(sess, fname, rank, meta["state_size"], len(meta["vocab"]))
         model_vocab = sess.get_modelmeta().custom_metadata_map.get("vocab")
         if model_vocab is not None and json.loads(model_vocab) != meta["vocab"]:
             raise LoadError(f"{fname} metadata vocab differs from model.json")
-        sessions[fname] = sess
+        sessions[i] = sess
     return ModelVersion(
         name=vdir.parent.name, version=int(vdir.name), path=vdir, meta=meta, vocab=list(meta["vocab"]),
         state_size=int(meta["state_size"]), initial_state=np.asarray(meta["initial_state"], np.float32),
-        step=sessions["model.onnx"], sequence=sessions["sequence.onnx"])
+        step=sessions[0], sequence=sessions[1], step_gen=sessions.get(2))
 
 
 def _fingerprint(vdir: Path) -> tuple:
@@ -163,10 +175,12 @@ def _fingerprint(vdir: Path) -> tuple:
 class Repository:
     """Owns the loaded versions: scan() loads what is new and serveable, logs each failure once."""
 
-    def __init__(self, root: Path, providers: list[str], serve_versions: int = 1, ort_threads: int = 1) -> None:
+    def __init__(self, root: Path, providers: list[str], serve_versions: int = 1, ort_threads: int = 1,
+                 ort_gen_threads: int | None = None) -> None:
         self.root = Path(root)
         self.providers = providers
         self.ort_threads = ort_threads  # 0 = onnxruntime's default
+        self.ort_gen_threads = ort_gen_threads  # None = ort_threads
         self.serve_versions = serve_versions  # 0 = all
         self.loaded: dict[str, dict[int, ModelVersion]] = {}
         self._failed: dict[Path, tuple] = {}
@@ -201,7 +215,7 @@ class Repository:
                 if self._failed.get(vdir) == fp:
                     continue
                 try:
-                    mv = load_version(vdir, self.providers, self.ort_threads)
+                    mv = load_version(vdir, self.providers, self.ort_threads, self.ort_gen_threads)
                 except LoadError as e:
                     self._failed[vdir] = fp
                     log.error("skipping %s/%d: %s", name, v, e)

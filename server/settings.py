@@ -30,6 +30,7 @@ class Settings:
     serve_versions: int = 1  # 0 = all
     chunk_tokens: int = 32  # fewer, larger messages: gRPC's per-message cost bounds tokens/s
     ort_threads: int = 1  # onnxruntime intra-op threads per session; 0 = its default (one per core)
+    ort_gen_threads: int = 0  # the same for step batches with generating rows (0 = one per core)
     inline_rows: int = 64  # feed-only step batches up to this size run on the event loop; 0 = never
     log_level: str = "INFO"
 
@@ -53,6 +54,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--serve-versions", "serve_versions", str, "'all' or N = latest N versions per model"),
     ("--chunk-tokens", "chunk_tokens", int, "default tokens per streamed generation chunk"),
     ("--ort-threads", "ort_threads", int, "onnxruntime intra-op threads per model (0 = one per core)"),
+    ("--ort-gen-threads", "ort_gen_threads", int, "the same for batches with generating rows"),
     ("--inline-rows", "inline_rows", int, "feed-only batches up to this many rows skip the onnxruntime thread"),
     ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
@@ -106,7 +108,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens"):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "ort_threads", "inline_rows"):
+    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "ort_threads", "ort_gen_threads",
+                 "inline_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.metrics_port < -1:
