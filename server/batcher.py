@@ -43,6 +43,7 @@ class Chunk:
     text: str
     done: bool = False
     reason: str = ""  # "length" | "stop" | "cancelled" when done
+    steps: int = 0  # tokens the session will have consumed once this chunk's tokens are stepped
 
 
 @dataclass(eq=False)
@@ -320,7 +321,9 @@ class Batcher:
 
     def _emit(self, r: GenRow, done: bool, reason: str = "") -> None:
         vocab = self.model.vocab
-        r.queue.put_nowait(Chunk(r.buf, "".join([vocab[t] for t in r.buf]), done, reason))
+        # A step still in flight is counted when it lands; the handler reads the count now.
+        steps = r.session.steps + (1 if r in self._inflight else 0)
+        r.queue.put_nowait(Chunk(r.buf, "".join([vocab[t] for t in r.buf]), done, reason, steps))
         r.buf = []
         r.emitted = True
 

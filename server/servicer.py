@@ -141,7 +141,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             async for c in gen:
                 chunk = pb.GenerateChunk(text=c.text, tokens=c.tokens, done=c.done,
                                          finish_reason=_FINISH.get(c.reason, pb.FINISH_REASON_UNSPECIFIED),
-                                         steps=gen.row.session.steps)
+                                         steps=c.steps)
                 yield pb.SessionResponse(session_id=sid, request_id=rid, chunk=chunk)
         finally:
             gen.cancel()  # client gone or stream broken: the row leaves the batch now

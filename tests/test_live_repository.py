@@ -230,6 +230,8 @@ def test_publishing_with_the_batch_exporter_while_sessions_stream(tmp_path: Path
             assert chunks[-1].done and chunks[-1].finish_reason == pb.FINISH_REASON_CANCELLED
             got = [t for c in chunks for t in c.tokens]
             assert len(got) > 64, len(got)
+            # the last chunk's count includes a step that was still in flight when the close landed
+            assert chunks[-1].steps == len(prompt) + len(got), (chunks[-1].steps, len(prompt), len(got))
             assert got == ref_gen.generate(len(got), temperature, seed), "the generation left version 1's outputs"
             for st in (gen, feeder):
                 await st.end()
