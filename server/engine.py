@@ -194,6 +194,11 @@ class Engine:
                 raise InvalidArgument("no model named: set the model name")
             have = ", ".join(f"{m.name}:{m.version}" for m, _ in self.list_models()) or "none"
             what = f"model {name!r}" + (f" version {version}" if version else "")
+            gone = next((m for m in self._retired if m.name == name and m.version == version), None)
+            if gone is not None:
+                raise NotFound(f"{what} was removed from the repository (or left the --serve-versions "
+                               f"window): it takes no new sessions and only finishes its "
+                               f"{self.table.sessions_of(gone)} live ones (loaded: {have})")
             raise NotFound(f"{what} is not loaded (loaded: {have})")
         return mv
 

@@ -262,7 +262,9 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, t
                         "version 3 to leave ListModels and version 2 to become the latest")
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await opened(stub, "live", 3)
-            assert e.value.code() == NF and "'live' version 3 is not loaded" in e.value.details(), e.value
+            assert e.value.code() == NF, e.value
+            assert "'live' version 3 was removed from the repository" in e.value.details(), e.value
+            assert "only finishes its 1 live ones" in e.value.details(), e.value
             assert (await opened(stub, "live")).model.version == 2  # new sessions go to the new latest
             assert await health(ch) == SERVING
 
