@@ -114,6 +114,7 @@ class Engine:
                                self.settings.ort_threads, self.settings.ort_gen_threads)
         loop = asyncio.get_running_loop()
         added, _ = await loop.run_in_executor(None, self.repo.scan)
+        self._count_broken()
         for mv in added:
             self._add(mv)
         if not self.batchers:
@@ -133,6 +134,7 @@ class Engine:
     async def refresh(self) -> None:
         """Load new versions; versions no longer wanted take no new sessions and unload when unused."""
         added, removed = await asyncio.get_running_loop().run_in_executor(None, self.repo.scan)
+        self._count_broken()
         for mv in added:
             self._add(mv)
         for mv in removed:
@@ -150,6 +152,10 @@ class Engine:
                 if b is not None:
                     await b.stop()
                 log.info("unloaded %s", mv.key)
+
+    def _count_broken(self) -> None:
+        if self.metrics is not None:
+            self.metrics.broken_versions(len(self.repo.failed))
 
     def _add(self, mv: ModelVersion) -> None:
         b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,

@@ -22,6 +22,8 @@ class Metrics:
         self.latency = Histogram("rnnserve_step_latency_seconds", "Seconds per batched onnxruntime call",
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("rnnserve_errors", "Errors answered, by gRPC status code", ["code"], registry=r)
+        self.broken = Gauge("rnnserve_broken_versions", "Version folders that failed to load (see the log)",
+                            registry=r)
         self.http = None
         self._children: dict[str, tuple] = {}
 
@@ -57,6 +59,10 @@ class Metrics:
         c[2].inc(steps)
         if generated:
             c[3].inc(generated)
+
+    def broken_versions(self, n: int) -> None:
+        """Set the number of version folders the last scan could not load."""
+        self.broken.set(n)
 
     def error(self, code_name: str) -> None:
         """Count an error answered with this status code name."""

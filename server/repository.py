@@ -201,6 +201,7 @@ class Repository:
         """Load new versions within the serve policy; return (added, no longer wanted)."""
         added: list[ModelVersion] = []
         wanted: set[tuple[str, int]] = set()
+        self._failed = {p: fp for p, fp in self._failed.items() if p.is_dir()}  # deleted ones are not broken
         for name, versions in self.candidates().items():
             have = self.loaded.setdefault(name, {})
             ok: list[int] = []
@@ -229,6 +230,11 @@ class Repository:
             wanted.update((name, v) for v in ok)
         removed = [mv for name, vs in self.loaded.items() for v, mv in vs.items() if (name, v) not in wanted]
         return added, removed
+
+    @property
+    def failed(self) -> list[Path]:
+        """Version folders that failed to load and have not changed since (each logged once)."""
+        return sorted(self._failed)
 
     def unload(self, mv: ModelVersion) -> None:
         """Forget a version (its sessions are released with it)."""

@@ -328,7 +328,7 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
         return [r.getMessage() for r in caplog.records if r.name == "server.repository"]
 
     async def main() -> None:
-        async with serving(repo) as (_app, ch, stub):  # the default policy: serve the latest one
+        async with serving(repo) as (app, ch, stub):  # the default policy: serve the latest one
             st = Stream(stub)
             await st.send(open=pb.Open(model=pb.ModelRef(name="live")))
             for v, kind in ((2, "truncated"), (3, "no-sequence"), (4, "bad-onnx")):
@@ -343,6 +343,10 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
                 np.testing.assert_allclose(logits_of(r.fed), ref1.feed([v, v + 1]), atol=1e-5)
             await asyncio.sleep(3 * POLL)  # a few more scans pass the broken versions: none may log again
             assert len(errors()) == 3, errors()
+            assert app.metrics.registry.get_sample_value("rnnserve_broken_versions") == 3
+            shutil.rmtree(repo / "live" / "4")  # a broken version taken away is not reported any more
+            await until(lambda: _true(app.metrics.registry.get_sample_value("rnnserve_broken_versions") == 2),
+                        "the broken-versions gauge to drop after version 4 was removed")
             # a good version after the broken ones is picked up as usual
             copy_version(three / "live" / "2", tmp_path / "stage5", 5).rename(repo / "live" / "5")
             await until(lambda: _is(stub, {("live", 5): True}), "good version 5 after the broken ones")
