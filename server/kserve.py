@@ -110,8 +110,8 @@ class KServeServicer:
         version = parse_version(req.model_version)
         want_state = "state" in outputs
 
-        def tokens_of(mv):  # (T,) int64, checked against the model the request lands on
-            return read_tokens(req, mv.vocab_size)
+        def tokens_of(mv):  # (T,) int64, checked against the model the request lands on, before any START
+            return Engine.check_tokens(mv, read_tokens(req))
 
         if seq.id is None:
             step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
