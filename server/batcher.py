@@ -189,7 +189,7 @@ class Batcher:
         temp = np.array([r.temperature for r in rows], np.float64)
         topk = np.array([r.top_k for r in rows], np.int64)
         topp = np.array([r.top_p for r in rows], np.float64)
-        u = np.array([r.uniforms.pop() if r.uniforms else r.uniform() for r in rows])  # (R,) one per token
+        u = np.array([r.uniform() for r in rows])  # (R,) one per token
         ids = sample(logits, temp, topk, topp, u)  # (R,)
         vocab = self.model.vocab
         for r, t in zip(rows, ids.tolist()):
