@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 TOMBSTONES = 65536  # how many closed/expired ids we remember, to say which
 
 
+def _doubled(a: np.ndarray) -> np.ndarray:
+    """A zeroed array with twice the rows of `a`, its first half a copy of `a`."""
+    out = np.zeros((2 * len(a), *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
+
+
 class StatePool:
     """All states (and last logits) of one model version in stacked arrays; rows recycled via a free list."""
 
@@ -35,13 +42,8 @@ class StatePool:
         """A free row; the arrays double when full."""
         if not self.free:  # double; calloc'd pages stay unmapped until rows are used
             cap = len(self.states)
-            states = np.zeros((2 * cap, self.states.shape[1]), np.float32)  # (2C, S)
-            states[:cap] = self.states
-            logits = np.zeros((2 * cap, self.logits.shape[1]), np.float32)  # (2C, V)
-            logits[:cap] = self.logits
-            has = np.zeros(2 * cap, bool)
-            has[:cap] = self.has_logits
-            self.states, self.logits, self.has_logits = states, logits, has
+            self.states, self.logits, self.has_logits = (
+                _doubled(self.states), _doubled(self.logits), _doubled(self.has_logits))  # (2C, S), (2C, V), (2C,)
             self.free = list(range(2 * cap - 1, cap - 1, -1))
         self.used += 1
         return self.free.pop()
@@ -83,11 +85,6 @@ class Session:
     def has_logits(self) -> bool:
         """Whether a step has produced a distribution to sample from."""
         return bool(self.pool.has_logits[self.row])
-
-    @property
-    def last_logits(self) -> np.ndarray:
-        """(V,) view of the last step's logits."""
-        return self.pool.logits[self.row]
 
 
 class SessionTable:
