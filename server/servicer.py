@@ -17,6 +17,13 @@ from server.sampling import top_k as sample_top_k
 log = logging.getLogger(__name__)
 
 _INITIAL = {pb.INITIAL_STATE_MODEL: "model", pb.INITIAL_STATE_ZEROS: "zeros", pb.INITIAL_STATE_GIVEN: "given"}
+
+
+def _start(initial: int, state) -> tuple[str, list[float] | None]:
+    """An Open's or Reset's initial-state mode and vector, as the engine takes them."""
+    if initial not in _INITIAL:
+        raise InvalidArgument(f"unknown initial state mode {initial}")
+    return _INITIAL[initial], (list(state) if initial == pb.INITIAL_STATE_GIVEN else None)
 _OUTPUT = {pb.OUTPUT_NONE: "none", pb.OUTPUT_LAST: "last", pb.OUTPUT_ALL: "all"}
 _FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
            "cancelled": pb.FINISH_REASON_CANCELLED}
@@ -66,7 +73,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         self._count(e)
         await context.abort(e.code, e.message)
 
-    def _opened(self, info, req_open: bool) -> pb.Opened:
+    def _opened(self, info) -> pb.Opened:
         return pb.Opened(session_id=info.session_id, model=model_info(info.model, self._latest(info.model)),
                          steps=info.steps, resumed=info.resumed, idle_timeout_s=int(info.idle_timeout_s))
 
@@ -74,10 +81,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         return self.engine.repo is not None and self.engine.repo.get(mv.name) is mv
 
     def _open(self, o: pb.Open):
-        if o.initial not in _INITIAL:
-            raise InvalidArgument(f"unknown initial state mode {o.initial}")
-        state = list(o.state) if o.initial == pb.INITIAL_STATE_GIVEN else None
-        return self.engine.open(o.model.name, o.model.version, _INITIAL[o.initial], state)
+        return self.engine.open(o.model.name, o.model.version, *_start(o.initial, o.state))
 
     async def _feed(self, sid: str, f: pb.Feed) -> pb.FeedResult:
         if f.output not in _OUTPUT:
@@ -102,11 +106,11 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                 if kind == "open":
                     info = self._open(req.open)
                     sid = info.session_id
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info, True))
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
                 elif kind == "resume":
                     info = self.engine.resume(req.resume.session_id)
                     sid = info.session_id
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info, False))
+                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
                 elif kind is None:
                     raise InvalidArgument("empty request: set one of open, resume, feed, generate, reset, close")
                 elif not sid:
@@ -119,11 +123,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                     async for resp in self._generate(sid, rid, req.generate):
                         yield resp
                 elif kind == "reset":
-                    r = req.reset
-                    if r.initial not in _INITIAL:
-                        raise InvalidArgument(f"unknown initial state mode {r.initial}")
-                    steps = self.engine.reset(sid, _INITIAL[r.initial],
-                                              list(r.state) if r.initial == pb.INITIAL_STATE_GIVEN else None)
+                    steps = self.engine.reset(sid, *_start(req.reset.initial, req.reset.state))
                     yield pb.SessionResponse(session_id=sid, request_id=rid, reset=pb.ResetDone(steps=steps))
                 elif kind == "close":
                     self.engine.close(sid)
@@ -150,7 +150,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.Opened:
         """Open a session without a stream."""
         try:
-            return self._opened(self._open(request.open), True)
+            return self._opened(self._open(request.open))
         except ServeError as e:
             await self._abort(context, e)
 
