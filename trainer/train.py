@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None
         raise TrainError("--warmup must be >= 0 and --lr > 0")
     if raw is not None and raw["train"]["step"] >= args.steps:
         raise TrainError(f"checkpoint is already at step {raw['train']['step']} >= --steps {args.steps}")
-    return replace(args), raw, level
+    return args, raw, level
 
 
 def _train(argv: list[str] | None) -> int:
