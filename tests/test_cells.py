@@ -26,11 +26,12 @@ def test_gradcheck_float64(kind: str) -> None:
     assert torch.autograd.gradcheck(run, (x, s, *ps))
 
 
+@pytest.mark.parametrize("steps", [11, 37])  # 37: more than one backward block, and a partial one
 @pytest.mark.parametrize("kind", KINDS)
-def test_custom_function_equals_plain_loop(kind: str) -> None:
+def test_custom_function_equals_plain_loop(kind: str, steps: int) -> None:
     torch.manual_seed(1)
     cell = make_cell(kind, 8, 16)
-    x = torch.randn(3, 11, 8, requires_grad=True)
+    x = torch.randn(3, steps, 8, requires_grad=True)
     s = torch.randn(3, cell.state_size, requires_grad=True)
     fast_hs, fast_s = cell(x, s)
     slow_hs, slow_s = Cell.forward(cell, x, s)  # the plain loop over recur()

@@ -214,55 +214,74 @@ class LSTMScan(torch.autograd.Function):
     """The LSTM recurrence over projected inputs with a hand-written backward.
 
     Outputs every h and the last c. Each step is one oneDNN GEMM with the input added in the same
-    call, against W_h packed once per call. Forward keeps each step's activated gates, c and
-    tanh(c) as small separate tensors (cache-sized per-step tensors beat whole-sequence passes
-    here); backward walks time in reverse once, then forms dW_h in one GEMM.
+    call, against W_h packed once per call, then five element-wise ops. Backward forms the local
+    derivative factors of a block of steps at a time (whole-block ops on cache-sized tensors), so
+    the reverse walk is five small ops and one GEMM a step; dW_h is one GEMM at the end.
     """
 
     @staticmethod
     def forward(ctx, xp: Tensor, h0: Tensor, c0: Tensor, w_h: Tensor) -> tuple[Tensor, Tensor]:
         T, (B, H) = xp.shape[0], h0.shape  # xp (T, B, 4H), h0 c0 (B, H)
         hs = xp.new_empty(T, B, H)  # (T, B, H)
+        cs = xp.new_empty(T + 1, B, H)  # (T + 1, B, H): c_0 .. c_T
+        tcs = xp.new_empty(T, B, H)  # (T, B, H): tanh(c_t)
+        cs[0] = c0
         w_p = _pack(w_h.t(), B)  # (4H, H)
-        h, c = h0.contiguous(), c0
-        steps = []
+        h = h0.contiguous()
+        acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
         for t in range(T):
-            a = _linear_add(h, w_p, xp[t])  # (B, 4H): sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) below
+            a = _linear_add(h, w_p, xp[t])  # (B, 4H)
             a[:, : 2 * H].sigmoid_()
             a[:, 2 * H : 3 * H].tanh_()
             a[:, 3 * H :].sigmoid_()
-            c = torch.addcmul(a[:, H : 2 * H] * c, a[:, :H], a[:, 2 * H : 3 * H])  # (B, H)
-            tc = torch.tanh(c)  # (B, H)
-            h = torch.mul(a[:, 3 * H :], tc, out=hs[t])  # (B, H)
-            steps += (a, c, tc)
-        ctx.save_for_backward(hs, h0, c0, w_h, *steps)
-        return hs, c.clone()
+            c = torch.addcmul(a[:, H : 2 * H] * cs[t], a[:, :H], a[:, 2 * H : 3 * H], out=cs[t + 1])
+            h = torch.mul(a[:, 3 * H :], torch.tanh(c, out=tcs[t]), out=hs[t])  # (B, H)
+            acts.append(a)
+        ctx.save_for_backward(hs, cs, tcs, h0, w_h, *acts)
+        return hs, cs[T].clone()
 
     @staticmethod
     def backward(ctx, g_h: Tensor | None, g_c: Tensor | None):  # g_h (T, B, H), g_c (B, H)
-        hs, h0, c0, w_h, *steps = ctx.saved_tensors
+        hs, cs, tcs, h0, w_h, *acts = ctx.saved_tensors
         T, B, H = hs.shape
         da = hs.new_empty(T, B, 4 * H)  # (T, B, 4H): gradient at the gate pre-activations
-        carry_h = torch.zeros(B, H, dtype=hs.dtype, device=hs.device)
-        carry_c = torch.zeros_like(carry_h) if g_c is None else g_c.clone()
+        carry_h = hs.new_zeros(B, H)
+        carry_c = hs.new_zeros(B, H) if g_c is None else g_c.clone()
         w_p = _pack(w_h, B)  # (H, 4H)
-        for t in range(T - 1, -1, -1):
-            a, _, tc = steps[3 * t : 3 * t + 3]
-            i, f, gg, o = a.split(H, dim=1)  # (B, H) each
-            c_prev = steps[3 * t - 2] if t > 0 else c0
-            dh = carry_h if g_h is None else g_h[t] + carry_h
-            dc = torch.addcmul(carry_c, dh * o, 1.0 - tc * tc)  # (B, H)
-            d = da[t]
-            torch.mul(dc * gg, i * (1.0 - i), out=d[:, :H])
-            torch.mul(dc * c_prev, f * (1.0 - f), out=d[:, H : 2 * H])
-            torch.mul(dc * i, 1.0 - gg * gg, out=d[:, 2 * H : 3 * H])
-            torch.mul(dh * tc, o * (1.0 - o), out=d[:, 3 * H :])
-            carry_c = dc * f
-            carry_h = _linear(d, w_p)  # (B, H)
+        for end in range(T, 0, -_BLOCK):
+            start = max(0, end - _BLOCK)
+            k, p = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
+            for t in range(end - 1, start - 1, -1):
+                j = t - start
+                dh = carry_h if g_h is None else g_h[t] + carry_h  # (B, H)
+                dc = torch.addcmul(carry_c, dh, p[j])  # (B, H)
+                torch.mul(k[j], torch.stack((dc, dc, dc, dh), dim=1), out=da[t].view(B, 4, H))
+                carry_c = dc * acts[t][:, H : 2 * H]  # through f
+                carry_h = _linear(da[t], w_p)  # (B, H)
         dw_h = h0.t() @ da[0]  # (H, 4H): step 0's share, then the rest in one GEMM
         if T > 1:
             dw_h += _linear(hs[:-1].reshape(-1, H).t(), da[1:].reshape(-1, 4 * H).t())
         return da, carry_h, carry_c, dw_h
+
+
+_BLOCK = 16  # steps whose backward factors are formed together (16 x B x 4H floats stay in cache)
+
+
+def _lstm_factors(a: Tensor, c_prev: Tensor, tc: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-step factors of the LSTM backward for a block of steps.
+
+    a (N, B, 4H) activated gates, c_prev and tc = tanh(c) (N, B, H) -> k (N, B, 4, H), p (N, B, H) with
+    dc = carry_c + dh * p and d(pre-activations) = k * [dc, dc, dc, dh].
+    """
+    i, f, g, o = a.split(a.shape[-1] // 4, dim=-1)  # (N, B, H) each
+    sd = torch.addcmul(a, a, a, value=-1.0).view(*i.shape[:-1], 4, -1)  # s (1 - s) of every gate
+    k = torch.empty_like(sd)  # (N, B, 4, H)
+    torch.mul(g, sd[..., 0, :], out=k[..., 0, :])  # i: tanh(g) s'(i)
+    torch.mul(c_prev, sd[..., 1, :], out=k[..., 1, :])  # f: c_{t-1} s'(f)
+    torch.addcmul(i, i, g * g, value=-1.0, out=k[..., 2, :])  # g: s(i) (1 - tanh(g)^2)
+    torch.mul(tc, sd[..., 3, :], out=k[..., 3, :])  # o: tanh(c) s'(o)
+    p = torch.addcmul(o, o, tc * tc, value=-1.0)  # s(o) (1 - tanh(c)^2)
+    return k, p
 
 
 class ElmanCell(Cell):
