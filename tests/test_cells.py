@@ -75,7 +75,9 @@ def test_lstm_final_cell_gradient_flows() -> None:
     xp = torch.randn(4, 2, 12, dtype=torch.float64, requires_grad=True)
     h0, c0 = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     w = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(LSTMScan.apply, (xp, h0, c0, w))
+    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    w_x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LSTMScan.apply, (x, h0, c0, w_x, w, xp[0, 0].detach().requires_grad_()))
     b = torch.randn(9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(GRUScan.apply, (xp[..., :9].detach().requires_grad_(), h0,
                                                     w[:, :9].detach().requires_grad_(), b))

@@ -22,62 +22,18 @@ import math
 import torch
 from torch import Tensor, nn
 
+from trainer.gemm import linear, linear_add, linear_sigmoid, pack, project
+
 CELL_KINDS = ("elman", "gru", "lstm")
 
 
-def _linear(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ w_t.T (+ bias) for (B, K), (N, K) -> (B, N): every matmul of the cells goes through here.
-
-    float32 on the CPU goes through oneDNN's GEMM (the engine nn.LSTM uses there): MKL runs these
-    shapes at under half its speed on some CPUs (AMD EPYC here). Either operand may be a transposed
-    view, and w_t may be a weight packed by `_pack`. Anything else uses torch's matmul.
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(x, w_t, bias, "none", [], "")
-    return x @ w_t.t() if bias is None else torch.addmm(bias, x, w_t.t())
-
-
-def _linear_add(x: Tensor, w_t: Tensor, other: Tensor) -> Tensor:
-    """x @ w_t.T + other in one oneDNN call (the add fused into the GEMM) where `_linear` uses oneDNN."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, w_t, None, "add")
-    return torch.addmm(other, x, w_t.t())
-
-
-def _pack(w_t: Tensor, batch: int) -> Tensor:
-    """A contiguous (N, K) weight in oneDNN's own blocked layout for `_linear`, reused by every step.
-
-    Saves the per-call reorder (~20% of a step's GEMM here); a no-op where `_linear` does not use oneDNN.
-    """
-    if w_t.dtype == torch.float32 and w_t.device.type == "cpu" and _ONEDNN and _PACK is not None:
-        return _PACK(w_t.contiguous(), batch)
-    return w_t
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN else None
-
-
-class Project(torch.autograd.Function):
-    """The input projection x @ W + b with its backward, every product through `_linear`."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # x (N, I), w (I, G), b (G,)
-        ctx.save_for_backward(x, w)
-        return _linear(x, w.t(), b)  # (N, G)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # g (N, G)
-        x, w = ctx.saved_tensors
-        dx = _linear(g, w) if ctx.needs_input_grad[0] else None  # (N, I)
-        dw = _linear(x.t(), g.t()) if ctx.needs_input_grad[1] else None  # (I, G)
-        db = g.sum(0) if ctx.needs_input_grad[2] else None  # (G,)
-        return dx, dw, db
-
-
-def project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """x @ w + b for any leading shape: (..., I) -> (..., G)."""
-    return Project.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[-1])
+def _dw_h(h0: Tensor, hs: Tensor, da: Tensor) -> Tensor:
+    """dW_h = sum_t h_{t-1}^T da_t for h0 (B, H), hs and da (T, B, G): step 0, then one GEMM for the rest."""
+    T, B, H = hs.shape
+    dw = h0.t() @ da[0]  # (H, G)
+    if T > 1:
+        dw += linear(hs[:-1].reshape(-1, H).t(), da[1:].reshape((T - 1) * B, -1).t())
+    return dw
 
 
 class Cell(nn.Module):
@@ -140,9 +96,9 @@ class ElmanScan(torch.autograd.Function):
     def forward(ctx, xp: Tensor, h0: Tensor, w_h: Tensor) -> Tensor:  # xp (T, B, H), h0 (B, H)
         hs = torch.empty_like(xp)  # (T, B, H)
         h = h0.contiguous()
-        w_ht = w_h.t().contiguous()  # (H, H) as (out, in)
+        w_p = pack(w_h.t(), h.shape[0])  # (H, H) as (out, in)
         for t in range(xp.shape[0]):
-            h = torch.tanh(_linear(h, w_ht).add_(xp[t]), out=hs[t])  # (B, H)
+            h = torch.tanh(linear_add(h, w_p, xp[t]), out=hs[t])  # (B, H)
         ctx.save_for_backward(hs, h0, w_h)
         return hs
 
@@ -151,15 +107,12 @@ class ElmanScan(torch.autograd.Function):
         hs, h0, w_h = ctx.saved_tensors
         da = torch.empty_like(hs)  # (T, B, H): gradient at the pre-activation
         carry = torch.zeros_like(h0)  # (B, H): gradient flowing into h_{t-1}
-        w_hc = w_h.contiguous()
+        w_p = pack(w_h, h0.shape[0])
         dtanh = 1.0 - hs * hs  # (T, B, H), for all steps at once
         for t in range(hs.shape[0] - 1, -1, -1):
             a = torch.mul(g[t] + carry, dtanh[t], out=da[t])
-            carry = _linear(a, w_hc)  # (B, H)
-        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0)  # (T, B, H)
-        hidden = hs.shape[-1]
-        dw_h = h_prev.reshape(-1, hidden).t() @ da.reshape(-1, hidden)  # (H, H)
-        return da, carry, dw_h
+            carry = linear(a, w_p)  # (B, H)
+        return da, carry, _dw_h(h0, hs, da)
 
 
 class GRUScan(torch.autograd.Function):
@@ -176,9 +129,9 @@ class GRUScan(torch.autograd.Function):
         hs = xp.new_empty(T, *h0.shape)  # (T, B, H)
         acts = torch.empty_like(xp)  # (T, B, 3H): r, z, n
         h = h0.contiguous()
-        w_ht = w_h.t().contiguous()  # (3H, H)
+        w_p = pack(w_h.t(), h.shape[0])  # (3H, H)
         for t in range(T):
-            hp = _linear(h, w_ht, b_h)  # (B, 3H)
+            hp = linear(h, w_p, b_h)  # (B, 3H)
             a = acts[t]
             rz = torch.add(xp[t, :, : 2 * H], hp[:, : 2 * H], out=a[:, : 2 * H]).sigmoid_()  # (B, 2H)
             n = torch.addcmul(xp[t, :, 2 * H :], rz[:, :H], hp[:, 2 * H :], out=a[:, 2 * H :]).tanh_()
@@ -191,7 +144,7 @@ class GRUScan(torch.autograd.Function):
         hs, acts, h0, w_h, b_h = ctx.saved_tensors
         T, B, H = hs.shape
         h_prev = torch.cat([h0.unsqueeze(0).expand(1, B, H), hs[:-1]], dim=0)  # (T, B, H)
-        hn = torch.addmm(b_h[2 * H :], h_prev.reshape(-1, H), w_h[:, 2 * H :]).view(T, B, H)
+        hn = linear(h_prev.view(-1, H), w_h[:, 2 * H :].t(), b_h[2 * H :]).view(T, B, H)
         r, z, n = acts.split(H, dim=-1)  # (T, B, H) each
         # d(pre-activation)/dh_t for each gate, per step: the backward carry only scales them.
         a_n = (1.0 - z) * (1.0 - n * n)  # (T, B, H)
@@ -199,55 +152,58 @@ class GRUScan(torch.autograd.Function):
         dhp = torch.empty_like(acts)  # (T, B, 3H): gradient at h W_h + b_h
         dh_all = torch.empty_like(hs)  # (T, B, H): gradient at each h_t
         carry = torch.zeros(B, H, dtype=hs.dtype, device=hs.device)
-        w_hc = w_h.contiguous()
+        w_p = pack(w_h, B)  # (H, 3H)
         for t in range(T - 1, -1, -1):
             dh = torch.add(g[t], carry, out=dh_all[t])
             d = torch.mul(coef[t].view(B, 3, H), dh.unsqueeze(1), out=dhp[t].view(B, 3, H))
-            carry = _linear(d.view(B, 3 * H), w_hc).addcmul_(dh, z[t])  # (B, H)
+            carry = linear(d.view(B, 3 * H), w_p).addcmul_(dh, z[t])  # (B, H)
         dxp = dhp.clone()
         dxp[..., 2 * H :] = dh_all * a_n  # the n gate's input side is not scaled by r
-        flat = dhp.reshape(-1, 3 * H)
-        return dxp, carry, h_prev.reshape(-1, H).t() @ flat, flat.sum(0)
+        return dxp, carry, _dw_h(h0, hs, dhp), dhp.view(-1, 3 * H).sum(0)
 
 
 class LSTMScan(torch.autograd.Function):
-    """The LSTM recurrence over projected inputs with a hand-written backward.
+    """A whole LSTM layer over time-major inputs, with a hand-written backward.
 
-    Outputs every h and the last c. Each step is one oneDNN GEMM with the input added in the same
-    call, against W_h packed once per call, then five element-wise ops. Backward forms the local
-    derivative factors of a block of steps at a time (whole-block ops on cache-sized tensors), so
-    the reverse walk is five small ops and one GEMM a step; dW_h is one GEMM at the end.
+    Each step is one GEMM of [h_{t-1}, x_t] against [W_h; W_x] with the bias and a sigmoid over all
+    four gates fused into it (oneDNN post-ops on the CPU); the g gate's columns are pre-scaled by 2
+    so that tanh(z) = 2 sigmoid(2z) - 1 costs two cheap ops. Then four element-wise ops a step.
+    Backward forms the local derivative factors of a block of steps at a time (whole-block ops on
+    cache-sized tensors), so the reverse walk is five small ops and one GEMM a step; dW_h and dW_x
+    are one GEMM at the end, dx another.
     """
 
     @staticmethod
-    def forward(ctx, xp: Tensor, h0: Tensor, c0: Tensor, w_h: Tensor) -> tuple[Tensor, Tensor]:
-        T, (B, H) = xp.shape[0], h0.shape  # xp (T, B, 4H), h0 c0 (B, H)
-        hs = xp.new_empty(T, B, H)  # (T, B, H)
-        cs = xp.new_empty(T + 1, B, H)  # (T + 1, B, H): c_0 .. c_T
-        tcs = xp.new_empty(T, B, H)  # (T, B, H): tanh(c_t)
+    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_x: Tensor, w_h: Tensor, b: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        (T, B, I), H = x.shape, h0.shape[-1]  # x (T, B, I), h0 c0 (B, H)
+        scale = _g_scale(H, b)  # (4H,)
+        w_p = pack((torch.cat([w_h, w_x]) * scale).t(), B)  # (4H, H + I)
+        bias = b * scale  # (4H,)
+        hx = x.new_empty(T + 1, B, H + I)  # (T + 1, B, H + I): [h_{t-1}, x_t] is step t's input
+        hx[0, :, :H] = h0
+        hx[:T, :, H:] = x
+        cs = x.new_empty(T + 1, B, H)  # (T + 1, B, H): c_0 .. c_T
+        tcs = x.new_empty(T, B, H)  # (T, B, H): tanh(c_t)
         cs[0] = c0
-        w_p = _pack(w_h.t(), B)  # (4H, H)
-        h = h0.contiguous()
         acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
         for t in range(T):
-            a = _linear_add(h, w_p, xp[t])  # (B, 4H)
-            a[:, : 2 * H].sigmoid_()
-            a[:, 2 * H : 3 * H].tanh_()
-            a[:, 3 * H :].sigmoid_()
+            a = linear_sigmoid(hx[t], w_p, bias)  # (B, 4H)
+            a[:, 2 * H : 3 * H].mul_(2.0).sub_(1.0)  # tanh(g)
             c = torch.addcmul(a[:, H : 2 * H] * cs[t], a[:, :H], a[:, 2 * H : 3 * H], out=cs[t + 1])
-            h = torch.mul(a[:, 3 * H :], torch.tanh(c, out=tcs[t]), out=hs[t])  # (B, H)
+            torch.mul(a[:, 3 * H :], torch.tanh(c, out=tcs[t]), out=hx[t + 1, :, :H])  # h_t (B, H)
             acts.append(a)
-        ctx.save_for_backward(hs, cs, tcs, h0, w_h, *acts)
-        return hs, cs[T].clone()
+        ctx.save_for_backward(hx, cs, tcs, w_x, w_h, *acts)
+        return hx[1:, :, :H], cs[T].clone()
 
     @staticmethod
     def backward(ctx, g_h: Tensor | None, g_c: Tensor | None):  # g_h (T, B, H), g_c (B, H)
-        hs, cs, tcs, h0, w_h, *acts = ctx.saved_tensors
-        T, B, H = hs.shape
-        da = hs.new_empty(T, B, 4 * H)  # (T, B, 4H): gradient at the gate pre-activations
-        carry_h = hs.new_zeros(B, H)
-        carry_c = hs.new_zeros(B, H) if g_c is None else g_c.clone()
-        w_p = _pack(w_h, B)  # (H, 4H)
+        hx, cs, tcs, w_x, w_h, *acts = ctx.saved_tensors
+        T, (B, H), I = len(acts), cs.shape[1:], w_x.shape[0]
+        da = cs.new_empty(T, B, 4 * H)  # (T, B, 4H): gradient at the gate pre-activations
+        carry_h = cs.new_zeros(B, H)
+        carry_c = cs.new_zeros(B, H) if g_c is None else g_c.clone()
+        w_p = pack(w_h, B)  # (H, 4H)
         for end in range(T, 0, -_BLOCK):
             start = max(0, end - _BLOCK)
             k, p = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
@@ -257,11 +213,18 @@ class LSTMScan(torch.autograd.Function):
                 dc = torch.addcmul(carry_c, dh, p[j])  # (B, H)
                 torch.mul(k[j], torch.stack((dc, dc, dc, dh), dim=1), out=da[t].view(B, 4, H))
                 carry_c = dc * acts[t][:, H : 2 * H]  # through f
-                carry_h = _linear(da[t], w_p)  # (B, H)
-        dw_h = h0.t() @ da[0]  # (H, 4H): step 0's share, then the rest in one GEMM
-        if T > 1:
-            dw_h += _linear(hs[:-1].reshape(-1, H).t(), da[1:].reshape(-1, 4 * H).t())
-        return da, carry_h, carry_c, dw_h
+                carry_h = linear(da[t], w_p)  # (B, H)
+        flat = da.view(T * B, 4 * H)
+        dw = linear(hx[:T].reshape(T * B, H + I).t(), flat.t())  # (H + I, 4H): [dW_h; dW_x]
+        dx = linear(flat, w_x).view(T, B, I) if ctx.needs_input_grad[0] else None
+        return dx, carry_h, carry_c, dw[H:], dw[:H], flat.sum(0)
+
+
+def _g_scale(hidden: int, like: Tensor) -> Tensor:
+    """(4H,) ones with 2 on the g gate: tanh(z) = 2 sigmoid(2z) - 1 lets one sigmoid serve all gates."""
+    scale = like.new_ones(4 * hidden)
+    scale[2 * hidden : 3 * hidden] = 2.0
+    return scale
 
 
 _BLOCK = 16  # steps whose backward factors are formed together (16 x B x 4H floats stay in cache)
@@ -273,7 +236,7 @@ def _lstm_factors(a: Tensor, c_prev: Tensor, tc: Tensor) -> tuple[Tensor, Tensor
     a (N, B, 4H) activated gates, c_prev and tc = tanh(c) (N, B, H) -> k (N, B, 4, H), p (N, B, H) with
     dc = carry_c + dh * p and d(pre-activations) = k * [dc, dc, dc, dh].
     """
-    i, f, g, o = a.split(a.shape[-1] // 4, dim=-1)  # (N, B, H) each
+    i, _, g, o = a.split(a.shape[-1] // 4, dim=-1)  # (N, B, H) each
     sd = torch.addcmul(a, a, a, value=-1.0).view(*i.shape[:-1], 4, -1)  # s (1 - s) of every gate
     k = torch.empty_like(sd)  # (N, B, 4, H)
     torch.mul(g, sd[..., 0, :], out=k[..., 0, :])  # i: tanh(g) s'(i)
@@ -298,14 +261,14 @@ class ElmanCell(Cell):
         self.reset_parameters()
 
     def project(self, x: Tensor) -> Tensor:
-        return x @ self.w_x + self.b
+        return project(x, self.w_x, self.b)
 
     def recur(self, xp: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         h = torch.tanh(xp + state @ self.w_h)  # (B, H)
         return h, h
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        xp = self.project(x).transpose(0, 1).contiguous()  # (T, B, H)
+        xp = self.project(x.transpose(0, 1))  # (T, B, H): time-major, one GEMM
         hs = ElmanScan.apply(xp, state, self.w_h).transpose(0, 1)  # (B, T, H)
         return hs, hs[:, -1]
 
@@ -325,7 +288,7 @@ class GRUCell(Cell):
         self.reset_parameters()
 
     def project(self, x: Tensor) -> Tensor:
-        return x @ self.w_x + self.b_x
+        return project(x, self.w_x, self.b_x)
 
     def recur(self, xp: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         H = self.hidden_size
@@ -337,7 +300,7 @@ class GRUCell(Cell):
         return h, h
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        xp = self.project(x).transpose(0, 1).contiguous()  # (T, B, 3H)
+        xp = self.project(x.transpose(0, 1))  # (T, B, 3H): time-major, one GEMM
         hs = GRUScan.apply(xp, state, self.w_h, self.b_h).transpose(0, 1)  # (B, T, H)
         return hs, hs[:, -1]
 
@@ -373,8 +336,7 @@ class LSTMCell(Cell):
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         H = self.hidden_size
-        xp = self.project(x.transpose(0, 1))  # (T, B, 4H): time-major, one GEMM
-        hs, c = LSTMScan.apply(xp, state[:, :H], state[:, H:], self.w_h)  # (T, B, H), (B, H)
+        hs, c = LSTMScan.apply(x.transpose(0, 1), state[:, :H], state[:, H:], self.w_x, self.w_h, self.b)
         hs = hs.transpose(0, 1)  # (B, T, H)
         return hs, torch.cat([hs[:, -1], c], dim=1)
 
