@@ -182,10 +182,9 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def model_info(models: Path, name: str | None) -> tuple[str, int]:
-    """(model name, vocab size) of the named model, or of the first one in the repository."""
-    candidates = sorted(p for p in models.glob("*/*/model.json"))
-    for p in candidates:
-        meta = json.loads(p.read_text())
+    """(model name, vocab size) of the named model, or of the first one, Elman first as serve_bench picks."""
+    metas = [json.loads(p.read_text()) for p in sorted(models.glob("*/*/model.json"))]
+    for meta in sorted(metas, key=lambda m: (m.get("cell") != "elman", m["name"])):
         if name is None or meta["name"] == name:
             return meta["name"], len(meta["vocab"])
     raise SystemExit(f"no model {name or ''} under {models}")
