@@ -30,6 +30,9 @@ from trainer.export import (
 )
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+# The models shipped in models/: (name, cell, the validation loss the README promises for it).
+SHIPPED = [("shakespeare", "elman", 1.50)]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -237,6 +240,19 @@ def test_onnx_val_loss_matches_torch(tiny_repo: Path, tiny_text: str) -> None:
         want = float(F.cross_entropy(logits[0], val[1:]))
     got = json.loads((tiny_repo / name / "1" / "model.json").read_text())["metrics"]["val_loss"]
     assert abs(got - want) < 1e-5
+
+
+@pytest.mark.parametrize("name,cell,goal", SHIPPED)
+def test_shipped_model_meets_its_validation_goal(name: str, cell: str, goal: float) -> None:
+    """The shipped version loads as a server checks it, and onnxruntime re-measures the loss it states."""
+    folder = ROOT / "models" / name / "1"
+    meta = verify_version_dir(folder)
+    assert meta["cell"] == cell
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    got = og.onnx_val_loss(ort_session(folder / "sequence.onnx"), text, meta["vocab"],
+                           np.asarray(meta["initial_state"], dtype=np.float32))
+    assert got == pytest.approx(meta["metrics"]["val_loss"], abs=1e-4)
+    assert got <= goal
 
 
 def test_verify_is_torch_free() -> None:
