@@ -167,7 +167,8 @@ class LSTMScan(torch.autograd.Function):
 
     Each step is one GEMM of [h_{t-1}, x_t] against [W_h; W_x] with the bias and a sigmoid over all
     four gates fused into it (oneDNN post-ops on the CPU); the g gate's columns are pre-scaled by 2
-    so that tanh(z) = 2 sigmoid(2z) - 1 costs two cheap ops. Then four element-wise ops a step.
+    so that tanh(z) = 2 sigmoid(2z) - 1 needs no op of its own: c = f c - i + 2 i s(2 z_g). Then four
+    element-wise ops a step.
     Backward forms the local derivative factors of a block of steps at a time (whole-block ops on
     cache-sized tensors), so the reverse walk is five small ops and one GEMM a step; dW_h and dW_x
     are one GEMM at the end, dx another.
@@ -186,12 +187,13 @@ class LSTMScan(torch.autograd.Function):
         cs = x.new_empty(T + 1, B, H)  # (T + 1, B, H): c_0 .. c_T
         tcs = x.new_empty(T, B, H)  # (T, B, H): tanh(c_t)
         cs[0] = c0
-        acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
+        inputs, hs, c_t, tc_t = hx.unbind(0), hx[1:, :, :H].unbind(0), cs.unbind(0), tcs.unbind(0)
+        acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), sigmoid(2 z_g), sigmoid(o)
         for t in range(T):
-            a = linear_sigmoid(hx[t], w_p, bias)  # (B, 4H)
-            a[:, 2 * H : 3 * H].mul_(2.0).sub_(1.0)  # tanh(g)
-            c = torch.addcmul(a[:, H : 2 * H] * cs[t], a[:, :H], a[:, 2 * H : 3 * H], out=cs[t + 1])
-            torch.mul(a[:, 3 * H :], torch.tanh(c, out=tcs[t]), out=hx[t + 1, :, :H])  # h_t (B, H)
+            a = linear_sigmoid(inputs[t], w_p, bias)  # (B, 4H)
+            i, f, s_g, o = a.split(H, dim=1)  # (B, H) each
+            c = torch.addcmul((f * c_t[t]).sub_(i), i, s_g, value=2.0, out=c_t[t + 1])  # f c + i tanh(g)
+            torch.mul(o, torch.tanh(c, out=tc_t[t]), out=hs[t])  # h_t (B, H)
             acts.append(a)
         ctx.save_for_backward(hx, cs, tcs, w_x, w_h, *acts)
         return hx[1:, :, :H], cs[T].clone()
@@ -206,13 +208,13 @@ class LSTMScan(torch.autograd.Function):
         w_p = pack(w_h, B)  # (H, 4H)
         for end in range(T, 0, -_BLOCK):
             start = max(0, end - _BLOCK)
-            k, p = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
-            for t in range(end - 1, start - 1, -1):
-                j = t - start
+            k, p, f = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
+            for j in range(end - 1 - start, -1, -1):
+                t = start + j
                 dh = carry_h if g_h is None else g_h[t] + carry_h  # (B, H)
                 dc = torch.addcmul(carry_c, dh, p[j])  # (B, H)
                 torch.mul(k[j], torch.stack((dc, dc, dc, dh), dim=1), out=da[t].view(B, 4, H))
-                carry_c = dc * acts[t][:, H : 2 * H]  # through f
+                carry_c = dc * f[j]
                 carry_h = linear(da[t], w_p)  # (B, H)
         flat = da.view(T * B, 4 * H)
         dw = linear(hx[:T].reshape(T * B, H + I).t(), flat.t())  # (H + I, 4H): [dW_h; dW_x]
@@ -230,13 +232,15 @@ def _g_scale(hidden: int, like: Tensor) -> Tensor:
 _BLOCK = 16  # steps whose backward factors are formed together (16 x B x 4H floats stay in cache)
 
 
-def _lstm_factors(a: Tensor, c_prev: Tensor, tc: Tensor) -> tuple[Tensor, Tensor]:
+def _lstm_factors(a: Tensor, c_prev: Tensor, tc: Tensor) -> tuple[tuple[Tensor, ...], ...]:
     """Per-step factors of the LSTM backward for a block of steps.
 
-    a (N, B, 4H) activated gates, c_prev and tc = tanh(c) (N, B, H) -> k (N, B, 4, H), p (N, B, H) with
-    dc = carry_c + dh * p and d(pre-activations) = k * [dc, dc, dc, dh].
+    a (N, B, 4H) = [s(i), s(f), s(2 z_g), s(o)], c_prev and tc = tanh(c) (N, B, H) -> per step k (B, 4, H),
+    p (B, H) and s(f) (B, H), with dc = carry_c + dh * p, the gradient at the pre-activations
+    k * [dc, dc, dc, dh] and the carry into c_{t-1} dc * s(f).
     """
-    i, _, g, o = a.split(a.shape[-1] // 4, dim=-1)  # (N, B, H) each
+    i, f, s_g, o = a.split(a.shape[-1] // 4, dim=-1)  # (N, B, H) each
+    g = s_g * 2.0 - 1.0  # tanh(z_g)
     sd = torch.addcmul(a, a, a, value=-1.0).view(*i.shape[:-1], 4, -1)  # s (1 - s) of every gate
     k = torch.empty_like(sd)  # (N, B, 4, H)
     torch.mul(g, sd[..., 0, :], out=k[..., 0, :])  # i: tanh(g) s'(i)
@@ -244,7 +248,7 @@ def _lstm_factors(a: Tensor, c_prev: Tensor, tc: Tensor) -> tuple[Tensor, Tensor
     torch.addcmul(i, i, g * g, value=-1.0, out=k[..., 2, :])  # g: s(i) (1 - tanh(g)^2)
     torch.mul(tc, sd[..., 3, :], out=k[..., 3, :])  # o: tanh(c) s'(o)
     p = torch.addcmul(o, o, tc * tc, value=-1.0)  # s(o) (1 - tanh(c)^2)
-    return k, p
+    return k.unbind(0), p.unbind(0), f.unbind(0)
 
 
 class ElmanCell(Cell):
