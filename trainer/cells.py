@@ -13,7 +13,8 @@ The state of a cell is one float vector per sequence: [h] for Elman and GRU (H),
 
 Every cell splits into an input projection (`project`, one matmul over all steps)
 and a recurrence (`recur`, one step from a projected input). `forward` runs a whole
-(B, T, I) sequence; `step` runs one (B, I) input. The ONNX export mirrors this math.
+(B, T, I) sequence through a custom autograd function (the LSTM's folds the projection
+into its per-step GEMM); `step` runs one (B, I) input. The ONNX export mirrors this math.
 """
 from __future__ import annotations
 
