@@ -1,4 +1,4 @@
-"""Server processes for serve_bench: start rnn-serve or a ceiling server, wait for its port, stop it."""
+"""For the serving benches: pick the model to serve, start rnn-serve or a ceiling server, wait for its port, stop it."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,22 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+def find_model(repo: Path, name: str | None = None) -> tuple[dict, Path] | None:
+    """(model.json, version folder) of the model a bench serves; None if there is none.
+
+    The named model if `name` is given, else an Elman one first, then by name: the same model the
+    benches have always measured, whatever else the repository holds.
+    """
+    found = []
+    for meta_file in sorted(repo.glob("*/*/model.json")):
+        if meta_file.parent.name.isdigit():
+            meta = json.loads(meta_file.read_text())
+            if name is None or meta["name"] == name:
+                found.append((meta, meta_file.parent))
+    found.sort(key=lambda mf: (mf[0].get("cell") != "elman", mf[0]["name"]))  # stable: versions keep path order
+    return found[0] if found else None
 
 
 @dataclass

@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import _procs
 
 
 # ----------------------------------------------------------------------------- null server
@@ -181,20 +183,11 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def model_info(models: Path, name: str | None) -> tuple[str, int]:
-    """(model name, vocab size) of the named model, or of the first one, Elman first as serve_bench picks."""
-    metas = [json.loads(p.read_text()) for p in sorted(models.glob("*/*/model.json"))]
-    for meta in sorted(metas, key=lambda m: (m.get("cell") != "elman", m["name"])):
-        if name is None or meta["name"] == name:
-            return meta["name"], len(meta["vocab"])
-    raise SystemExit(f"no model {name or ''} under {models}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: start both servers, alternate the three kinds for several rounds, print medians and the ratio."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=Path, default=ROOT / "models")
-    ap.add_argument("--model", default=None, help="model name (default: the first in the repository)")
+    ap.add_argument("--model", default=None, help="model name (default: an Elman one first, then by name)")
     ap.add_argument("--sessions", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100, help="tokens per sequence per round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs null, kserve, native in turn")
@@ -204,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_null:
         asyncio.run(serve_null(args.vocab, args.serve_null))
         return 0
-    model, vocab = model_info(args.models, args.model)
+    found = _procs.find_model(args.models, args.model)
+    if found is None:
+        raise SystemExit(f"no model {args.model or ''} under {args.models}")
+    model, vocab = found[0]["name"], len(found[0]["vocab"])
     kinds = ("null", "kserve", "native")
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,16 +51,6 @@ class Point:
         return float(np.percentile(self.lat_ms, q)) if self.lat_ms else float("nan")
 
 
-def find_model(repo: Path) -> tuple[str, Path] | None:
-    """The first model (name, version folder) in a repository, preferring an Elman one; None if empty."""
-    found = []
-    for meta in sorted(repo.glob("*/*/model.json")):
-        if meta.parent.name.isdigit():
-            info = json.loads(meta.read_text())
-            found.append((info.get("cell") != "elman", info["name"], meta.parent))
-    return (found[0][1], found[0][2]) if found else None
-
-
 def random_repo(root: Path) -> Path:
     """A repository holding a random Elman H=512 model over a 65-character vocab, via the real export."""
     import torch
@@ -334,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         repo = args.models
-        found = find_model(repo) if repo.is_dir() else None
+        found = _procs.find_model(repo) if repo.is_dir() else None
         if found is None:
             print(f"no model in {repo}: exporting a random Elman H=512, vocab 65 model")
             repo = random_repo(Path(tmp))
-            found = find_model(repo)
-        model, model_dir = found
-        return asyncio.run(run(args, repo, model, model_dir))
+            found = _procs.find_model(repo)
+        meta, model_dir = found
+        return asyncio.run(run(args, repo, meta["name"], model_dir))
 
 
 if __name__ == "__main__":
