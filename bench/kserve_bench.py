@@ -46,7 +46,7 @@ async def serve_null(vocab: int, port_file: Path) -> None:
 
     async def stream(requests, context):
         async for req in requests:
-            tokens = read_tokens(req, vocab)  # (T,)
+            tokens = read_tokens(req)  # (T,)
             resp = resp_cls()
             r = resp.infer_response
             r.model_name, r.id = req.model_name, req.id
