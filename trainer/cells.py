@@ -160,7 +160,8 @@ class GRUScan(torch.autograd.Function):
             carry = linear(d.view(B, 3 * H), w_p).addcmul_(dh, z[t])  # (B, H)
         dxp = dhp.clone()
         dxp[..., 2 * H :] = dh_all * a_n  # the n gate's input side is not scaled by r
-        return dxp, carry, _dw_h(h0, hs, dhp), dhp.view(-1, 3 * H).sum(0)
+        flat = dhp.view(-1, 3 * H)
+        return dxp, carry, linear(h_prev.view(-1, H).t(), flat.t()), flat.sum(0)  # h_prev is already built
 
 
 class LSTMScan(torch.autograd.Function):
