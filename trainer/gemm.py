@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN else None
 
-def linear(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ w_t.T (+ bias) for (B, K), (N, K) -> (B, N); either operand may be a view, w_t packed by `pack`."""
-    if _onednn(x):
-        return torch.ops.mkldnn._linear_pointwise(x, _dense(w_t), bias, "none", [], "")
-    return x @ w_t.t() if bias is None else torch.addmm(bias, x, w_t.t())
+
+def _onednn(t: Tensor) -> bool:
+    """Whether products with t go through oneDNN: float32 on the CPU, in a torch built with it."""
+    return _ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def _dense(w: Tensor) -> Tensor:
@@ -29,11 +30,25 @@ def _dense(w: Tensor) -> Tensor:
     return w.contiguous()
 
 
+def linear(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ w_t.T (+ bias) for (B, K), (N, K) -> (B, N); either operand may be a view, w_t packed by `pack`."""
+    if _onednn(x):
+        return torch.ops.mkldnn._linear_pointwise(x, _dense(w_t), bias, "none", [], "")
+    return x @ w_t.t() if bias is None else torch.addmm(bias, x, w_t.t())
+
+
 def linear_add(x: Tensor, w_t: Tensor, other: Tensor) -> Tensor:
     """x @ w_t.T + other in one oneDNN call (the add fused into the GEMM) where `linear` uses oneDNN."""
     if _onednn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, _dense(w_t), None, "add")
     return torch.addmm(other, x, w_t.t())
+
+
+def linear_sigmoid(x: Tensor, w_t: Tensor, bias: Tensor) -> Tensor:
+    """sigmoid(x @ w_t.T + bias), the sigmoid fused into the GEMM where `linear` uses oneDNN."""
+    if _onednn(x):
+        return torch.ops.mkldnn._linear_pointwise(x, _dense(w_t), bias, "sigmoid", [], "")
+    return torch.addmm(bias, x, w_t.t()).sigmoid_()
 
 
 def pack(w_t: Tensor, batch: int) -> Tensor:
@@ -44,17 +59,6 @@ def pack(w_t: Tensor, batch: int) -> Tensor:
     if _onednn(w_t) and _PACK is not None:
         return _PACK(w_t.contiguous(), batch)
     return w_t
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn(t: Tensor) -> bool:
-    """Whether products with t go through oneDNN: float32 on the CPU, in a torch built with it."""
-    return _ONEDNN and t.dtype == torch.float32 and t.device.type == "cpu"
-
-
-_PACK = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN else None
 
 
 class Project(torch.autograd.Function):
@@ -77,10 +81,3 @@ class Project(torch.autograd.Function):
 def project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """x @ w + b for any leading shape: (..., I) -> (..., G)."""
     return Project.apply(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[-1])
-
-
-def linear_sigmoid(x: Tensor, w_t: Tensor, bias: Tensor) -> Tensor:
-    """sigmoid(x @ w_t.T + bias), the sigmoid fused into the GEMM where `linear` uses oneDNN."""
-    if _onednn(x):
-        return torch.ops.mkldnn._linear_pointwise(x, _dense(w_t), bias, "sigmoid", [], "")
-    return torch.addmm(bias, x, w_t.t()).sigmoid_()
