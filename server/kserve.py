@@ -82,22 +82,23 @@ class KServeServicer:
     def _versions(self, name: str) -> list[int]:
         return [mv.version for mv, _ in self.engine.list_models() if mv.name == name]
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Versions, platform, inputs and outputs of a model."""
+    async def _requested_model(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The model version a metadata/config request names; aborts with the engine's status if none."""
         try:
-            mv = self.engine.model(request.name, parse_version(request.version))
+            return self.engine.model(request.name, parse_version(request.version))
         except ServeError as e:
             await self._abort(context, e.code, e.message)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Versions, platform, inputs and outputs of a model."""
+        mv = await self._requested_model(request, context)
         resp = self.pb.ModelMetadataResponse()
         fill_metadata(resp, mv, self._versions(mv.name))
         return resp
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's model configuration, with `sequence_batching` set: the model is stateful."""
-        try:
-            mv = self.engine.model(request.name, parse_version(request.version))
-        except ServeError as e:
-            await self._abort(context, e.code, e.message)
+        mv = await self._requested_model(request, context)
         resp = self.pb.ModelConfigResponse()
         fill_config(resp.config, mv, self._versions(mv.name), self.engine.settings, self.pb)
         return resp
