@@ -28,6 +28,13 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh /opt/venv train
 
 FROM ${PYTHON_IMAGE} AS trainer
+# A C compiler: trainer/fused.c (the LSTM's per-step kernels) is built at first use with -march=native,
+# for the CPU the job runs on, so it cannot be built here. Without one the LSTM trains on torch ops, slower.
+# gcc and libc6-dev follow the base image's libc: pinning them would break at each Debian point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # The same UID/GID as the server image: both write the shared model volume.
 ARG UID=10001
 ARG GID=10001

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from trainer import fused
 from trainer.gemm import linear, linear_add, linear_sigmoid, pack, project
 
 CELL_KINDS = ("elman", "gru", "lstm")
@@ -169,11 +170,10 @@ class LSTMScan(torch.autograd.Function):
 
     Each step is one GEMM of [h_{t-1}, x_t] against [W_h; W_x] with the bias and a sigmoid over all
     four gates fused into it (oneDNN post-ops on the CPU); the g gate's columns are pre-scaled by 2
-    so that tanh(z) = 2 sigmoid(2z) - 1 needs no op of its own: c = f c - i + 2 i s(2 z_g). Then four
-    element-wise ops a step.
-    Backward forms the local derivative factors of a block of steps at a time (whole-block ops on
-    cache-sized tensors), so the reverse walk is five small ops and one GEMM a step; dW_h and dW_x
-    are one GEMM at the end, dx another.
+    so that tanh(z) = 2 sigmoid(2z) - 1 needs no op of its own: c = f c - i + 2 i s(2 z_g). The
+    element-wise rest of a step is one native loop (`trainer.fused`) for float32 on the CPU, else a
+    few torch ops (`_lstm_forward`); the reverse walk likewise. dW_h and dW_x are one GEMM at the
+    end, dx another.
     """
 
     @staticmethod
@@ -189,14 +189,8 @@ class LSTMScan(torch.autograd.Function):
         cs = x.new_empty(T + 1, B, H)  # (T + 1, B, H): c_0 .. c_T
         tcs = x.new_empty(T, B, H)  # (T, B, H): tanh(c_t)
         cs[0] = c0
-        inputs, hs, c_t, tc_t = hx.unbind(0), hx[1:, :, :H].unbind(0), cs.unbind(0), tcs.unbind(0)
-        acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), sigmoid(2 z_g), sigmoid(o)
-        for t in range(T):
-            a = linear_sigmoid(inputs[t], w_p, bias)  # (B, 4H)
-            i, f, s_g, o = a.split(H, dim=1)  # (B, H) each
-            c = torch.addcmul((f * c_t[t]).sub_(i), i, s_g, value=2.0, out=c_t[t + 1])  # f c + i tanh(g)
-            torch.mul(o, torch.tanh(c, out=tc_t[t]), out=hs[t])  # h_t (B, H)
-            acts.append(a)
+        walk = fused.lstm_forward if fused.available(x) else _lstm_forward
+        acts = walk(hx, cs, tcs, w_p, bias)  # per step (B, 4H)
         ctx.save_for_backward(hx, cs, tcs, w_x, w_h, *acts)
         return hx[1:, :, :H], cs[T].clone()
 
@@ -206,18 +200,10 @@ class LSTMScan(torch.autograd.Function):
         T, (B, H), I = len(acts), cs.shape[1:], w_x.shape[0]
         da = cs.new_empty(T, B, 4 * H)  # (T, B, 4H): gradient at the gate pre-activations
         carry_h = cs.new_zeros(B, H)
-        carry_c = cs.new_zeros(B, H) if g_c is None else g_c.clone()
+        carry_c = cs.new_zeros(B, H) if g_c is None else g_c.clone(memory_format=torch.contiguous_format)
         w_p = pack(w_h, B)  # (H, 4H)
-        for end in range(T, 0, -_BLOCK):
-            start = max(0, end - _BLOCK)
-            k, p, f = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
-            for j in range(end - 1 - start, -1, -1):
-                t = start + j
-                dh = carry_h if g_h is None else g_h[t] + carry_h  # (B, H)
-                dc = torch.addcmul(carry_c, dh, p[j])  # (B, H)
-                torch.mul(k[j], torch.stack((dc, dc, dc, dh), dim=1), out=da[t].view(B, 4, H))
-                carry_c = dc * f[j]
-                carry_h = linear(da[t], w_p)  # (B, H)
+        walk = fused.lstm_backward if fused.available(cs) else _lstm_backward
+        carry_h, carry_c = walk(acts, cs, tcs, g_h, carry_h, carry_c, w_p, da)  # fills da
         flat = da.view(T * B, 4 * H)
         dw = linear(hx[:T].reshape(T * B, H + I).t(), flat.t())  # (H + I, 4H): [dW_h; dW_x]
         dx = linear(flat, w_x).view(T, B, I) if ctx.needs_input_grad[0] else None
@@ -229,6 +215,41 @@ def _g_scale(hidden: int, like: Tensor) -> Tensor:
     scale = like.new_ones(4 * hidden)
     scale[2 * hidden : 3 * hidden] = 2.0
     return scale
+
+
+def _lstm_forward(hx: Tensor, cs: Tensor, tcs: Tensor, w_p: Tensor, bias: Tensor) -> list[Tensor]:
+    """LSTMScan's forward walk in torch ops (the contract of `fused.lstm_forward`, which see)."""
+    H = tcs.shape[-1]
+    inputs, hs, c_t, tc_t = hx.unbind(0), hx[1:, :, :H].unbind(0), cs.unbind(0), tcs.unbind(0)
+    acts = []  # per step (B, 4H): sigmoid(i), sigmoid(f), sigmoid(2 z_g), sigmoid(o)
+    for t in range(len(tc_t)):
+        a = linear_sigmoid(inputs[t], w_p, bias)  # (B, 4H)
+        i, f, s_g, o = a.split(H, dim=1)  # (B, H) each
+        c = torch.addcmul((f * c_t[t]).sub_(i), i, s_g, value=2.0, out=c_t[t + 1])  # f c + i tanh(g)
+        torch.mul(o, torch.tanh(c, out=tc_t[t]), out=hs[t])  # h_t (B, H)
+        acts.append(a)
+    return acts
+
+
+def _lstm_backward(acts: list[Tensor], cs: Tensor, tcs: Tensor, g_h: Tensor | None, carry_h: Tensor,
+                   carry_c: Tensor, w_p: Tensor, da: Tensor) -> tuple[Tensor, Tensor]:
+    """LSTMScan's reverse walk in torch ops (the contract of `fused.lstm_backward`, which see).
+
+    The local derivative factors are formed a block of steps at a time (whole-block ops on
+    cache-sized tensors), so the walk itself is five small ops and one GEMM a step.
+    """
+    T, (B, H) = len(acts), cs.shape[1:]
+    for end in range(T, 0, -_BLOCK):
+        start = max(0, end - _BLOCK)
+        k, p, f = _lstm_factors(torch.stack(acts[start:end]), cs[start:end], tcs[start:end])
+        for j in range(end - 1 - start, -1, -1):
+            t = start + j
+            dh = carry_h if g_h is None else g_h[t] + carry_h  # (B, H)
+            dc = torch.addcmul(carry_c, dh, p[j])  # (B, H)
+            torch.mul(k[j], torch.stack((dc, dc, dc, dh), dim=1), out=da[t].view(B, 4, H))
+            carry_c = dc * f[j]
+            carry_h = linear(da[t], w_p)  # (B, H)
+    return carry_h, carry_c
 
 
 _BLOCK = 16  # steps whose backward factors are formed together (16 x B x 4H floats stay in cache)
