@@ -124,3 +124,35 @@ def test_stacked_state_layout() -> None:
         x, s_l = cell(x, block)
         torch.testing.assert_close(out, s_l)
         torch.testing.assert_close(out[:, :4], x[:, -1])  # h first, then c
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_drop_masks_w_h_in_training_only(kind: str) -> None:
+    torch.manual_seed(6)
+    model = RNNModel(ModelConfig(vocab_size=6, cell=kind, hidden_size=8, layers=2, embed_size=3, weight_drop=0.5))
+    cell = model.layer_cells[0]
+    assert all(c.weight_drop == 0.5 for c in model.layer_cells)
+    x, s = torch.randn(2, 7, 3), torch.randn(2, cell.state_size)
+    cell.eval()
+    assert cell.dropped_w_h() is cell.w_h  # evaluation and export see the whole W_h
+    plain, _ = cell(x, s)
+    cell.train()
+    torch.manual_seed(7)
+    dropped, _ = cell(x, s)
+    torch.manual_seed(7)
+    mask_w = cell.dropped_w_h().detach()  # the same draw: the W_h that forward used
+    frac = (mask_w == 0).float().mean().item()
+    assert 0.35 < frac < 0.65
+    torch.testing.assert_close(mask_w[mask_w != 0], 2.0 * cell.w_h.detach()[mask_w != 0])  # kept ones rescaled
+    cell.eval()
+    with torch.no_grad():
+        w_h = cell.w_h.clone()
+        cell.w_h.copy_(mask_w)
+        expected, _ = cell(x, s)
+        cell.w_h.copy_(w_h)
+    torch.testing.assert_close(dropped, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(dropped, plain)
+    dropped.sum().backward()
+    assert torch.all(cell.w_h.grad[mask_w == 0] == 0) and cell.w_h.grad[mask_w != 0].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"weight_drop must be in \[0, 1\), got 1.0"):
+        ModelConfig(vocab_size=5, weight_drop=1.0)

@@ -95,11 +95,11 @@ def test_seed_reproducible_and_outputs_written(corpus: Path, tmp_path: Path) -> 
 
 
 def test_resume_continues_bit_identically(corpus: Path, tmp_path: Path) -> None:
-    # Two layers with both dropouts (RNG), a learned initial state, shifted epochs, and a corpus short enough that the
-    # 14 steps cross an epoch (11 chunks per epoch), so the state reset is resumed too.
+    # Two layers with all three dropouts (RNG), a learned initial state, shifted epochs, and a corpus short enough
+    # that the 14 steps cross an epoch (11 chunks per epoch), so the state reset is resumed too.
     corpus.write_text(TEXT[:200], encoding="utf-8")
-    extra = ["--layers", "2", "--dropout", "0.3", "--out-dropout", "0.2", "--shift-epochs", "--init-state",
-             "learned", "--steps", "14", "--seed", "3"]
+    extra = ["--layers", "2", "--dropout", "0.3", "--out-dropout", "0.2", "--weight-drop", "0.2", "--shift-epochs",
+             "--init-state", "learned", "--steps", "14", "--seed", "3"]
     assert train(corpus, tmp_path / "straight", *extra) == 0
     assert train(corpus, tmp_path / "split", *extra, "--stop-at", "6") == 0
     assert checkpoint.read(tmp_path / "split" / "ckpt.pt")["metrics"]["steps"] == 6

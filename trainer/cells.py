@@ -49,6 +49,17 @@ class Cell(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
+        self.weight_drop = 0.0  # DropConnect on W_h in training (set by the model): one mask per forward
+
+    def dropped_w_h(self) -> Tensor:
+        """W_h as a training forward uses it: entries dropped with p = weight_drop (rescaled), else W_h itself.
+
+        The recurrent regulariser of AWD-LSTM (Merity et al. 2017): one mask for every step and sequence of
+        the chunk, so the recurrence itself stays intact, and no cost per step.
+        """
+        if self.weight_drop > 0.0 and self.training:
+            return nn.functional.dropout(self.w_h, self.weight_drop, training=True)
+        return self.w_h
 
     @property
     def state_size(self) -> int:
@@ -296,7 +307,7 @@ class ElmanCell(Cell):
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         xp = self.project(x.transpose(0, 1))  # (T, B, H): time-major, one GEMM
-        hs = ElmanScan.apply(xp, state, self.w_h).transpose(0, 1)  # (B, T, H)
+        hs = ElmanScan.apply(xp, state, self.dropped_w_h()).transpose(0, 1)  # (B, T, H)
         return hs, hs[:, -1]
 
 
@@ -328,7 +339,7 @@ class GRUCell(Cell):
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         xp = self.project(x.transpose(0, 1))  # (T, B, 3H): time-major, one GEMM
-        hs = GRUScan.apply(xp, state, self.w_h, self.b_h).transpose(0, 1)  # (B, T, H)
+        hs = GRUScan.apply(xp, state, self.dropped_w_h(), self.b_h).transpose(0, 1)  # (B, T, H)
         return hs, hs[:, -1]
 
 
@@ -363,7 +374,8 @@ class LSTMCell(Cell):
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         H = self.hidden_size
-        hs, c = LSTMScan.apply(x.transpose(0, 1), state[:, :H], state[:, H:], self.w_x, self.w_h, self.b)
+        w_h = self.dropped_w_h()
+        hs, c = LSTMScan.apply(x.transpose(0, 1), state[:, :H], state[:, H:], self.w_x, w_h, self.b)
         hs = hs.transpose(0, 1)  # (B, T, H)
         return hs, torch.cat([hs[:, -1], c], dim=1)
 

@@ -23,6 +23,7 @@ class ModelConfig:
     dropout: float = 0.0  # between stacked layers, training only
     init_state: str = "zeros"  # "zeros" or "learned"; a caller-given vector is passed to forward
     out_dropout: float = 0.0  # on the top layer's output before the head, training only
+    weight_drop: float = 0.0  # DropConnect on every layer's W_h, training only
 
     def __post_init__(self) -> None:
         if self.cell not in CELL_KINDS:
@@ -32,7 +33,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "layers", "embed_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dropout", "out_dropout"):
+        for name in ("dropout", "out_dropout", "weight_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -50,6 +51,8 @@ class RNNModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_size)
         sizes = [config.embed_size] + [config.hidden_size] * (config.layers - 1)
         self.cells = nn.ModuleList(make_cell(config.cell, i, config.hidden_size) for i in sizes)
+        for cell in self.cells:
+            cell.weight_drop = config.weight_drop
         self.drop = nn.Dropout(config.dropout)
         self.out_drop = nn.Dropout(config.out_dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)

@@ -34,8 +34,8 @@ from trainer.report import append_row, evaluate, load_history, plot_losses, prog
 log = logging.getLogger(__name__)
 
 # Flags that shape the model, the data or the optimisation: fixed by the checkpoint on --resume.
-FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "shift_epochs", "init_state",
-                   "batch", "seq_len",
+FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "weight_drop", "shift_epochs",
+                   "init_state", "batch", "seq_len",
                    "lr", "schedule", "warmup", "clip", "seed", "steps")
 
 
@@ -58,6 +58,7 @@ class TrainArgs:
     embed: int = 64
     dropout: float = 0.0
     out_dropout: float = 0.0
+    weight_drop: float = 0.0
     shift_epochs: bool = False
     init_state: str = "zeros"
     batch: int = 32
@@ -149,7 +150,8 @@ class Run:
         np.random.seed(args.seed)
         self.config = ModelConfig(vocab_size=len(self.vocab), cell=args.cell, hidden_size=args.hidden,
                                   layers=args.layers, embed_size=args.embed, dropout=args.dropout,
-                                  init_state=args.init_state, out_dropout=args.out_dropout)
+                                  init_state=args.init_state, out_dropout=args.out_dropout,
+                                  weight_drop=args.weight_drop)
         self.model = RNNModel(self.config).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=args.lr)
@@ -289,6 +291,8 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=dflt(d.dropout), help="between stacked layers")
     p.add_argument("--out-dropout", type=float, default=dflt(d.out_dropout),
                    help="dropout on the top layer's output before the head")
+    p.add_argument("--weight-drop", type=float, default=dflt(d.weight_drop),
+                   help="DropConnect on the recurrent weights W_h (one mask per chunk)")
     p.add_argument("--shift-epochs", action="store_true", default=dflt(False),
                    help="rotate the training data by a seeded offset each epoch (new chunk boundaries)")
     p.add_argument("--init-state", choices=INIT_MODES, default=dflt(d.init_state))
