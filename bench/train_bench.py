@@ -23,6 +23,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trainer import fused
 from trainer.data import StreamBatches, Vocab, load_text, split
 from trainer.model import ModelConfig, RNNModel
 from trainer.train import TrainArgs, clip_gradients, evaluate, lr_factor, sequence_loss
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="the LSTM's element-wise steps as torch ops instead of trainer/fused.c's C loop")
     p.add_argument("--quality", action="store_true", help="run the same-budget quality comparison")
     p.add_argument("--q-steps", type=int, default=300, help="steps for --quality")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    fused.set_enabled(not args.no_fused)
     out = quality(args) if args.quality else speed(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -261,9 +261,9 @@ def test_jobs_and_monitoring_profiles():
 
 def test_job_commands_parse_and_chain():
     """The jobs' default arguments parse with the real CLIs, and export publishes what train wrote."""
-    from trainer import export, train
+    from trainer import args, export
     c = resolved(COMPOSE)
-    train_args = train.build_parser().parse_args(c["services"]["train"]["command"])
+    train_args = args.build_parser().parse_args(c["services"]["train"]["command"])
     export_args = export.build_parser().parse_args(c["services"]["export"]["command"])
     assert Path(export_args.checkpoint) == Path(train_args.out) / "ckpt.pt"
     assert export_args.repo == c["services"]["server"]["environment"]["RNNSERVE_MODELS"]

@@ -139,6 +139,30 @@ def test_cli_errors_are_clear(corpus: Path, tmp_path: Path, capsys: pytest.Captu
     assert "--hidden cannot change on --resume" in err("--resume", str(tmp_path / "r" / "ckpt.pt"),
                                                        "--hidden", "16", "--steps", "4")
     assert "already at step 2" in err("--resume", str(tmp_path / "r" / "ckpt.pt"))
+    assert "--calibrate must be a fraction in [0, 0.5], got 0.7" in err("--data", str(corpus), "--calibrate", "0.7")
+    assert "holds out 0 chars" in err("--data", str(corpus), "--calibrate", "0.0001")
+
+
+def test_calibrate_holds_out_the_training_tail_and_folds_a_fitted_temperature(corpus: Path, tmp_path: Path) -> None:
+    args = ["--steps", "12", "--lr", "0.03", "--calibrate", "0.25"]
+    assert train(corpus, tmp_path / "c", *args) == 0
+    raw = checkpoint.read(tmp_path / "c" / "ckpt.pt")
+    t = raw["metrics"]["temperature"]
+    rows = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["temperature"] for r in rows if "temperature" in r] == [t] and t != 1.0  # fitted once, at the end
+    run = Run(TrainArgs(data=str(corpus), out=str(tmp_path / "probe"), batch=2, seq_len=8, calibrate=0.25))
+    full = split(run.vocab.encode(TEXT))[0]
+    held = round(len(full) * 0.25)
+    assert np.array_equal(run.calib_ids, full[-held:]) and np.array_equal(run.train_ids, full[:-held])
+    assert run.batches.data.numel() <= len(full) - held  # the streams are cut from the rest only
+    # the saved head already has 1/T folded in: no other scale of its logits fits the held-out tail better
+    model = checkpoint.load(tmp_path / "c" / "ckpt.pt").model.eval()
+    ids = torch.from_numpy(np.asarray(run.calib_ids, dtype=np.int64))
+    with torch.no_grad():
+        logits = model(ids[:-1].unsqueeze(0))[0][0]
+    nll = {s: F.cross_entropy(logits * s, ids[1:]).item() for s in (0.9, 0.97, 1.0, 1.03, 1.1)}
+    assert min(nll, key=nll.get) == 1.0, nll
+    assert raw["metrics"]["val_loss"] == rows[-1]["val_loss"]  # validated after the fold
 
 
 def test_console_script_exit_code(tmp_path: Path) -> None:

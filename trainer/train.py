@@ -7,7 +7,6 @@ measurement the export reports from onnxruntime); `--val-streams N` trades that 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -17,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,57 +25,22 @@ import torch
 from torch import Tensor
 
 from trainer import checkpoint
-from trainer.cells import CELL_KINDS
+from trainer.args import TrainArgs, TrainError, parse_args
 from trainer.data import CorpusError, StreamBatches, Vocab, load_text, split
-from trainer.model import INIT_MODES, ModelConfig, RNNModel
-from trainer.report import append_row, evaluate, load_history, plot_losses, progress_bar, sequence_loss
+from trainer.model import ModelConfig, RNNModel
+from trainer.report import (
+    append_row,
+    evaluate,
+    fit_temperature,
+    load_history,
+    plot_losses,
+    progress_bar,
+    sequence_loss,
+)
 
 log = logging.getLogger(__name__)
 
-# Flags that shape the model, the data or the optimisation: fixed by the checkpoint on --resume.
-FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "weight_drop", "shift_epochs",
-                   "init_state", "batch", "seq_len",
-                   "lr", "schedule", "warmup", "clip", "seed", "steps")
-
-
 _STOP = threading.Event()  # set by SIGTERM/SIGINT; the loop stops between steps, so state stays whole
-
-
-class TrainError(ValueError):
-    """Bad input to the trainer, reported on stderr without a traceback."""
-
-
-@dataclass(frozen=True)
-class TrainArgs:
-    """Every training setting, parsed once."""
-
-    data: str | None = None
-    out: str = "runs/default"
-    cell: str = "elman"
-    hidden: int = 512
-    layers: int = 1
-    embed: int = 64
-    dropout: float = 0.0
-    out_dropout: float = 0.0
-    weight_drop: float = 0.0
-    shift_epochs: bool = False
-    init_state: str = "zeros"
-    batch: int = 32
-    seq_len: int = 128
-    steps: int = 3000
-    lr: float = 3e-3
-    schedule: str = "cosine"
-    warmup: int = 0
-    clip: float = 1.0
-    seed: int = 0
-    eval_every: int = 500
-    val_streams: int = 1
-    log_every: int = 100
-    threads: int = 0
-    device: str = "cpu"
-    resume: str | None = None
-    stop_at: int | None = None
-    progress: bool = True
 
 
 def lr_factor(step: int, args: TrainArgs) -> float:
@@ -141,6 +105,11 @@ class Run:
             self.vocab = Vocab.from_text(text)
         ids = self.vocab.encode(text)
         self.train_ids, self.val_ids = split(ids)
+        held = round(len(self.train_ids) * args.calibrate)  # the training split's tail, for the temperature
+        if args.calibrate and held < 2:
+            raise TrainError(f"--calibrate {args.calibrate} holds out {held} chars: too few to fit a temperature")
+        self.calib_ids = self.train_ids[len(self.train_ids) - held :] if held else None
+        self.train_ids = self.train_ids[: len(self.train_ids) - held]
         if args.val_streams < 1 or (len(self.val_ids) - 1) // args.val_streams < 1:
             raise TrainError(f"--val-streams {args.val_streams} does not fit {len(self.val_ids)} validation chars")
         self.batches = StreamBatches(self.train_ids, args.batch, args.seq_len,
@@ -156,7 +125,7 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=args.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.args))
-        self.step, self.wall, self.val_loss = 0, 0.0, None
+        self.step, self.wall, self.val_loss, self.temperature = 0, 0.0, None, None
         self.carry: Tensor | None = None  # (B, S) detached state carried into the next chunk
         if resume is not None:
             self.model.load_state_dict(resume["model"])
@@ -167,6 +136,7 @@ class Run:
             self.batches.position = tr["position"]
             self.step, self.wall = tr["step"], resume["metrics"]["wall_time_s"]
             self.val_loss = resume["metrics"]["val_loss"]
+            self.temperature = resume["metrics"].get("temperature")
             self.carry = None if tr["carry"] is None else tr["carry"].to(self.device)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +174,18 @@ class Run:
                       "wall_time_s": round(self.wall, 3)})
         return self.val_loss
 
+    def calibrate(self) -> float:
+        """Fit the softmax temperature on the held-out tail of the training split; fold 1/T into the head."""
+        t = fit_temperature(self.model, self.calib_ids, self.device)
+        with torch.no_grad():
+            self.model.head.weight.div_(t)
+            self.model.head.bias.div_(t)
+        self.temperature = t
+        self._record({"step": self.step, "temperature": t})
+        log.info("step %d temperature %.4f (fitted on %d held-out training chars)", self.step, t,
+                 len(self.calib_ids))
+        return t
+
     def save(self) -> Path:
         """Write ckpt.pt and loss.png beside metrics.jsonl."""
         model = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -212,7 +194,8 @@ class Run:
             "vocab": list(self.vocab.chars),
             "model": model,
             "metrics": {"val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
-                        "wall_time_s": round(self.wall, 3)},
+                        "wall_time_s": round(self.wall, 3),
+                        **({"temperature": self.temperature} if self.temperature is not None else {})},
             "train": {
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(),
@@ -254,6 +237,8 @@ class Run:
                     t_last, tok_last = now, self.tokens
                 if self.step % a.eval_every == 0 or self.step == a.steps:
                     t0 = time.perf_counter()
+                    if self.step == a.steps and self.calib_ids is not None:
+                        self.calibrate()
                     val = self.validate()
                     self.wall += time.perf_counter() - t0
                     log.info("step %d val_loss %.4f", self.step, val)
@@ -270,90 +255,6 @@ class Run:
         if self.step % a.eval_every and self.step != a.steps:
             self.save()  # stopped by --stop-at between validations
         return self.val_loss
-
-
-def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
-    """The rnn-train CLI; with suppress=True, unset flags are absent (to see what was given)."""
-    d = TrainArgs()
-
-    def dflt(v):
-        return argparse.SUPPRESS if suppress else v
-
-    p = argparse.ArgumentParser(prog="rnn-train", description="Train a char-level RNN on a UTF-8 text file.",
-                                argument_default=argparse.SUPPRESS if suppress else None)
-    p.add_argument("--data", default=dflt(None), help="UTF-8 text corpus (required unless --resume)")
-    p.add_argument("--out", default=dflt(None), help="run folder for ckpt.pt, metrics.jsonl, loss.png "
-                   "(default runs/default, or the resumed checkpoint's folder)")
-    p.add_argument("--cell", choices=CELL_KINDS, default=dflt(d.cell))
-    p.add_argument("--hidden", type=int, default=dflt(d.hidden), help="hidden size H")
-    p.add_argument("--layers", type=int, default=dflt(d.layers))
-    p.add_argument("--embed", type=int, default=dflt(d.embed), help="embedding size")
-    p.add_argument("--dropout", type=float, default=dflt(d.dropout), help="between stacked layers")
-    p.add_argument("--out-dropout", type=float, default=dflt(d.out_dropout),
-                   help="dropout on the top layer's output before the head")
-    p.add_argument("--weight-drop", type=float, default=dflt(d.weight_drop),
-                   help="DropConnect on the recurrent weights W_h (one mask per chunk)")
-    p.add_argument("--shift-epochs", action="store_true", default=dflt(False),
-                   help="rotate the training data by a seeded offset each epoch (new chunk boundaries)")
-    p.add_argument("--init-state", choices=INIT_MODES, default=dflt(d.init_state))
-    p.add_argument("--batch", type=int, default=dflt(d.batch), help="parallel streams B")
-    p.add_argument("--seq-len", type=int, default=dflt(d.seq_len), help="TBPTT chunk length T")
-    p.add_argument("--steps", type=int, default=dflt(d.steps), help="total optimiser steps")
-    p.add_argument("--lr", type=float, default=dflt(d.lr), help="peak learning rate (Adam)")
-    p.add_argument("--schedule", choices=("cosine", "constant"), default=dflt(d.schedule))
-    p.add_argument("--warmup", type=int, default=dflt(d.warmup), help="linear warmup steps")
-    p.add_argument("--clip", type=float, default=dflt(d.clip), help="max gradient norm (<= 0: off)")
-    p.add_argument("--seed", type=int, default=dflt(d.seed))
-    p.add_argument("--eval-every", type=int, default=dflt(d.eval_every),
-                   help="validate and checkpoint every N steps")
-    p.add_argument("--val-streams", type=int, default=dflt(d.val_streams),
-                   help="validation streams from the initial state (1 = the exported metric)")
-    p.add_argument("--log-every", type=int, default=dflt(d.log_every), help="log a line every N steps")
-    p.add_argument("--threads", type=int, default=dflt(d.threads), help="torch threads (0 = torch default)")
-    p.add_argument("--device", default=dflt(d.device), help="cpu or cuda")
-    p.add_argument("--resume", default=dflt(None), help="continue exactly from a ckpt.pt")
-    p.add_argument("--stop-at", type=int, default=dflt(None),
-                   help="stop after this step (checkpointed), as if interrupted; resume later")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=dflt(True))
-    p.add_argument("--log-level", default=dflt("INFO"))
-    return p
-
-
-def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None, str]:
-    """CLI -> TrainArgs (merged with a resumed checkpoint's args), the checkpoint, the log level."""
-    ns = vars(build_parser().parse_args(argv))
-    given = vars(build_parser(suppress=True).parse_args(argv))
-    level = ns.pop("log_level")
-    raw = None
-    if ns["resume"]:
-        raw = checkpoint.read(ns["resume"])
-        if "train" not in raw:
-            raise TrainError(f"{ns['resume']} holds no training state (exported or stripped): cannot resume")
-        saved = {**asdict(TrainArgs()), **raw["train"]["args"]}  # flags added since keep their defaults
-        for k in FIXED_ON_RESUME:
-            if k in given and given[k] != saved[k] and k != "steps":
-                raise TrainError(f"--{k.replace('_', '-')} cannot change on --resume "
-                                 f"(checkpoint has {saved[k]!r}, got {given[k]!r})")
-        merged = {**saved, **{k: v for k, v in given.items() if k != "log_level"}}
-        merged["resume"] = ns["resume"]
-        if "out" not in given:
-            merged["out"] = str(Path(ns["resume"]).parent)
-        if "stop_at" not in given:
-            merged["stop_at"] = None
-        ns = merged
-    if ns["out"] is None:
-        ns["out"] = TrainArgs.out
-    if not ns["data"]:
-        raise TrainError("--data is required (a UTF-8 text file)")
-    args = TrainArgs(**{f.name: ns[f.name] for f in fields(TrainArgs)})
-    for name in ("hidden", "layers", "embed", "batch", "seq_len", "steps", "eval_every"):
-        if getattr(args, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.lr <= 0:
-        raise TrainError("--warmup must be >= 0 and --lr > 0")
-    if raw is not None and raw["train"]["step"] >= args.steps:
-        raise TrainError(f"checkpoint is already at step {raw['train']['step']} >= --steps {args.steps}")
-    return args, raw, level
 
 
 def _train(argv: list[str] | None) -> int:
