@@ -39,6 +39,11 @@ async def serve(settings: Settings) -> int:
     await stop.wait()
     log.info("signal received: draining (grace %g s)", settings.grace)
     await app.stop()
+    # The calls cut at the deadline unwind on the loop's next turns: let them finish rather than have
+    # asyncio.run cancel them halfway (grpc logs that as an unhandled CancelledError with a traceback).
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    if rest:
+        await asyncio.wait(rest, timeout=1.0)
     return 0
 
 
