@@ -143,7 +143,7 @@ def test_cli_errors_are_clear(corpus: Path, tmp_path: Path, capsys: pytest.Captu
     assert "holds out 0 chars" in err("--data", str(corpus), "--calibrate", "0.0001")
 
 
-def test_calibrate_holds_out_the_training_tail_and_folds_a_fitted_temperature(corpus: Path, tmp_path: Path) -> None:
+def test_calibrate_holds_out_the_corpus_head_and_folds_a_fitted_temperature(corpus: Path, tmp_path: Path) -> None:
     args = ["--steps", "12", "--lr", "0.03", "--calibrate", "0.25"]
     assert train(corpus, tmp_path / "c", *args) == 0
     raw = checkpoint.read(tmp_path / "c" / "ckpt.pt")
@@ -153,9 +153,9 @@ def test_calibrate_holds_out_the_training_tail_and_folds_a_fitted_temperature(co
     run = Run(TrainArgs(data=str(corpus), out=str(tmp_path / "probe"), batch=2, seq_len=8, calibrate=0.25))
     full = split(run.vocab.encode(TEXT))[0]
     held = round(len(full) * 0.25)
-    assert np.array_equal(run.calib_ids, full[-held:]) and np.array_equal(run.train_ids, full[:-held])
+    assert np.array_equal(run.calib_ids, full[:held]) and np.array_equal(run.train_ids, full[held:])
     assert run.batches.data.numel() <= len(full) - held  # the streams are cut from the rest only
-    # the saved head already has 1/T folded in: no other scale of its logits fits the held-out tail better
+    # the saved head already has 1/T folded in: no other scale of its logits fits the held-out text better
     model = checkpoint.load(tmp_path / "c" / "ckpt.pt").model.eval()
     ids = torch.from_numpy(np.asarray(run.calib_ids, dtype=np.int64))
     with torch.no_grad():

@@ -79,7 +79,7 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="rotate the training data by a seeded offset each epoch (new chunk boundaries)")
     p.add_argument("--init-state", choices=INIT_MODES, default=dflt(d.init_state))
     p.add_argument("--calibrate", type=float, default=dflt(d.calibrate),
-                   help="hold this fraction of the training split's tail out of training and fit a softmax "
+                   help="hold this fraction of the corpus' head out of training and fit a softmax "
                         "temperature on it at the last step, folded into the head (0 = off)")
     p.add_argument("--batch", type=int, default=dflt(d.batch), help="parallel streams B")
     p.add_argument("--seq-len", type=int, default=dflt(d.seq_len), help="TBPTT chunk length T")
