@@ -126,8 +126,9 @@ def lstm_backward(acts: list[Tensor], cs: Tensor, tcs: Tensor, g_h: Tensor | Non
                   carry_c: Tensor, w_p: Tensor, da: Tensor) -> tuple[Tensor, Tensor]:
     """The LSTM's reverse walk: fills da (T, B, 4H); returns the gradients at h_0 and c_0.
 
-    g_h (T, B, H) is the gradient at every h_t (None: only the final state had one), carry_h and
-    carry_c the gradients arriving at h_T and c_T, w_p the packed W_h.
+    g_h (T, B, H) is the gradient at every h_t (None: only the final state had one; any strides),
+    carry_h and carry_c the gradients arriving at h_T and c_T (carry_c contiguous, updated in place),
+    w_p the packed W_h.
     """
     step = _load().lstm_step_backward  # type: ignore[union-attr]
     T, (B, H), f4 = len(acts), tcs.shape[1:], 4
