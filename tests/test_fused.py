@@ -100,3 +100,15 @@ def test_compiler_failure_is_reported_and_falls_back(tmp_path: Path, monkeypatch
         assert not fused.available(torch.zeros(1))
     assert "using torch ops" in caplog.text and "simulated" in caplog.text
     assert list((tmp_path / "cache" / "rnnserve").iterdir()) == []
+
+
+def test_a_damaged_cached_build_is_rebuilt(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = fused.build()
+    path.write_bytes(b"not a shared library")
+    monkeypatch.setitem(fused._state, "tried", False)
+    monkeypatch.setitem(fused._state, "lib", None)
+    with caplog.at_level(logging.WARNING, logger="trainer.fused"):
+        assert fused.available(torch.zeros(1))
+    assert "rebuilding" in caplog.text and path.read_bytes() != b"not a shared library"
+    assert _scan(True, 5, "dense")[2].isfinite().all()  # and it computes

@@ -83,7 +83,13 @@ def _load() -> ctypes.CDLL | None:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            lib = ctypes.CDLL(str(build()))
+            path = build()
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as e:  # a cached build that does not load (damaged, say): build it afresh, once
+                log.warning("rebuilding %s: %s", path, e)
+                path.unlink(missing_ok=True)
+                lib = ctypes.CDLL(str(build()))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("native LSTM kernels unavailable, using torch ops (slower): %s", e)
             return None
