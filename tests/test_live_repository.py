@@ -280,8 +280,10 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, t
             with caplog.at_level(logging.INFO, logger="server.engine"):
                 await st.send(close=pb.Close())
                 await st.end()
-                await until(lambda: _true(not any(mv.key == "live:3" for mv in app.engine.batchers)),
+                # the log line, not the batcher table: the engine drops the batcher, then awaits its stop, then logs
+                await until(lambda: _true(any("unloaded" in r.getMessage() for r in caplog.records)),
                             "version 3 to unload after its last session closed")
+            assert not any(mv.key == "live:3" for mv in app.engine.batchers)
             assert [r.getMessage() for r in caplog.records if "unloaded" in r.getMessage()] == ["unloaded live:3"]
             assert await listed(stub) == {("live", 1): False, ("live", 2): True}
             with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -360,9 +362,12 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
 
     asyncio.run(main())
     logged = errors()
-    assert len(logged) == 3, logged
+    # rm -rf of live/4 is not atomic: a scan that meets the half-deleted folder rightly logs it once more
+    # (seen as "model.json is missing" with the folder empty), so such late lines about live/4 are allowed.
+    racing = [m for m in logged[3:] if m.startswith("skipping live/4: ") and "is missing" in m]
+    assert len(logged) - len(racing) == 3, logged
     for v, needle in reasons.items():
-        mine = [m for m in logged if f"live/{v}:" in m]
+        mine = [m for m in logged[:3] if f"live/{v}:" in m]
         assert len(mine) == 1 and needle in mine[0], (v, needle, logged)
 
 
