@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +24,41 @@ def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def stream_logits(model: RNNModel, ids: np.ndarray, streams: int = 1, chunk: int = 2048,
+                  device: str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
+    """(logits (S_b, t, V), targets (S_b, t)) chunk by chunk over ids, read in evaluation mode as `streams`
+    contiguous streams from the initial state; chunks of `chunk` steps keep the activations small."""
+    was_training = model.training
+    model.eval()
+    try:
+        length = (len(ids) - 1) // streams
+        data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        rows = torch.stack([data[b * length : b * length + length + 1] for b in range(streams)]).to(device)
+        state = model.initial_state(streams).to(device)  # (S_b, S)
+        for s in range(0, length, chunk):
+            x = rows[:, s : min(s + chunk, length)]  # (S_b, t)
+            logits, state = model(x, state)  # (S_b, t, V)
+            yield logits, rows[:, s + 1 : min(s + chunk, length) + 1]
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model: RNNModel, ids: np.ndarray, streams: int = 1, chunk: int = 2048,
              device: str = "cpu") -> float:
     """Mean nats/char on ids, read as `streams` contiguous streams from the initial state."""
-    was_training = model.training
-    model.eval()
-    length = (len(ids) - 1) // streams
-    data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    rows = torch.stack([data[b * length : b * length + length + 1] for b in range(streams)]).to(device)
-    state = model.initial_state(streams).to(device)  # (S_b, S)
-    total = 0.0
-    for s in range(0, length, chunk):
-        x = rows[:, s : min(s + chunk, length)]  # (S_b, t)
-        y = rows[:, s + 1 : min(s + chunk, length) + 1]
-        logits, state = model(x, state)  # (S_b, t, V)
-        total += float(sequence_loss(logits, y))
-    model.train(was_training)
-    return total / (length * streams)
+    total = sum(float(sequence_loss(logits, y)) for logits, y in stream_logits(model, ids, streams, chunk, device))
+    return total / (((len(ids) - 1) // streams) * streams)
 
 
-@torch.no_grad()
 def fit_temperature(model: RNNModel, ids: np.ndarray, device: str = "cpu") -> float:
     """The softmax temperature T that minimises nats/char of logits / T on ids (one stream from the initial state).
 
     Fitted on held-out training text, it corrects a model that is overconfident on unseen text (the usual
     state after dropout training); folding 1/T into the head keeps the ONNX contract unchanged.
     """
-    was_training = model.training
-    model.eval()
-    data = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
-    logits, _ = model(data[:-1].unsqueeze(0))  # (1, N, V)
-    logits, y = logits[0].float(), data[1:]
-    model.train(was_training)
+    chunks = list(stream_logits(model, ids, device=device))
+    logits = torch.cat([lg[0] for lg, _ in chunks]).float()  # (N, V)
+    y = torch.cat([t[0] for _, t in chunks])  # (N,)
 
     def nll(log_t: float) -> float:
         return float(F.cross_entropy(logits / np.exp(log_t), y))
