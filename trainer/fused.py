@@ -142,8 +142,8 @@ def lstm_backward(acts: list[Tensor], cs: Tensor, tcs: Tensor, g_h: Tensor | Non
         g_h = g_h.contiguous()
     g_p, g_t, g_b = (0, 0, 0) if g_h is None else (g_h.data_ptr(), g_h.stride(0), g_h.stride(1))
     cs_p, tcs_p, da_p, cc_p = cs.data_ptr(), tcs.data_ptr(), da.data_ptr(), carry_c.data_ptr()
+    carry_h = carry_h.contiguous()  # and every later one is a fresh GEMM output
     for t in range(T - 1, -1, -1):
-        carry_h = carry_h.contiguous()
         step(acts[t].data_ptr(), cs_p + t * B * H * f4, tcs_p + t * B * H * f4,
              (g_p + t * g_t * f4) if g_h is not None else None, g_b, carry_h.data_ptr(), cc_p,
              da_p + t * B * 4 * H * f4, B, H)
