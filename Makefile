@@ -26,7 +26,7 @@ protos: $(STAMP)
 	$(PY) scripts/protogen.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check trainer server client tests bench
+	$(VENV)/bin/ruff check trainer server client tests bench scripts
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch
-
-from trainer import checkpoint
-from trainer.export import verify_version_dir
-from trainer.model import ModelConfig, RNNModel
+from rnnserve.server.contract import verify_version_dir
+from rnnserve.trainer import checkpoint
+from rnnserve.trainer.model import ModelConfig, RNNModel
 
 VOCAB = list("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 GOAL_S = 60.0

@@ -37,9 +37,8 @@ import _procs
 async def serve_null(vocab: int, port_file: Path) -> None:
     """A do-nothing server of the KServe protocol: parses each request, answers zero logits."""
     import grpc
-
-    from server.kserve_codec import read_tokens
-    from server.kserve_proto import SERVICE, messages
+    from rnnserve.server.kserve.codec import read_tokens
+    from rnnserve.server.kserve.descriptors import SERVICE, messages
 
     pb = messages()
     req_cls, resp_cls = pb.ModelInferRequest, pb.ModelStreamInferResponse
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             p, null_port = start_process([sys.executable, __file__, "--serve-null", str(null_pf),
                                           "--vocab", str(vocab)], null_pf)
             procs.append(p)
-            p, port = start_process([sys.executable, "-m", "server.main", "--models", str(args.models),
+            p, port = start_process([sys.executable, "-m", "rnnserve.server.main", "--models", str(args.models),
                                      "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
                                      "--port-file", str(serve_pf)], serve_pf, env)
             procs.append(p)

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ceilings
 import _procs
 import rnnserve.v1.rnnserve_pb2 as pb
-
-from client.aio import AsyncClient, AsyncSession
+from rnnserve.client.aio import AsyncClient, AsyncSession
 
 log = logging.getLogger("serve_bench")
 PINGPONG_SESSIONS = (1, 16, 64)
@@ -54,9 +53,8 @@ class Point:
 def random_repo(root: Path) -> Path:
     """A repository holding a random Elman H=512 model over a 65-character vocab, via the real export."""
     import torch
-
-    from trainer.export import export_model
-    from trainer.model import ModelConfig, RNNModel
+    from rnnserve.trainer.export import export_model
+    from rnnserve.trainer.model import ModelConfig, RNNModel
 
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(vocab_size=65, cell="elman", hidden_size=512, layers=1, embed_size=64))

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import fused
-from trainer.data import StreamBatches, Vocab, load_text, split
-from trainer.model import ModelConfig, RNNModel
-from trainer.train import TrainArgs, clip_gradients, evaluate, lr_factor, sequence_loss
+from rnnserve.trainer import fused
+from rnnserve.trainer.data import StreamBatches, Vocab, load_text, split
+from rnnserve.trainer.model import ModelConfig, RNNModel
+from rnnserve.trainer.train import TrainArgs, clip_gradients, evaluate, lr_factor, sequence_loss
 
 TORCH_RNN = {"elman": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 

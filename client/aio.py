@@ -1,25 +1,17 @@
-"""Asyncio client for rnnserve (grpc.aio): streaming sessions and the unary helpers."""
+"""Asyncio client for rnnserve: the I/O shell of client.core over a grpc.aio channel."""
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-import rnnserve.v1.rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc
 
-from client._common import (
-    DEFAULT_OPTIONS,
-    Initial,
-    RnnServeError,
-    check,
-    feed_message,
-    generate_message,
-    initial_fields,
-    open_message,
-)
+from ..v1 import rnnserve_pb2 as pb
+from ..v1 import rnnserve_pb2_grpc
+from . import core
+from .core import DEFAULT_OPTIONS, Initial, RnnServeError, SessionCore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -32,98 +24,68 @@ class AsyncSession:
 
     def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
         self._call = call
-        self._next_id = 0
-        self._ended = False
-        self._open_generation = False  # a generation the caller stopped reading early
-        self.session_id = ""
-        self.steps = 0
-        self.finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
-        self.opened = pb.Opened()
+        self.core = SessionCore()
 
     async def _start(self, first: pb.SessionRequest) -> AsyncSession:
         try:
-            self.opened = (await self._ask(first, "opened")).opened
+            self.core.on_opened(await self._ask(first))
         except RnnServeError:
             self.detach()
             raise
-        self.session_id = self.opened.session_id
-        self.steps = self.opened.steps
         return self
 
-    @property
-    def model(self) -> pb.ModelInfo:
-        """The model (name, version, vocab, sizes) the session runs on."""
-        return self.opened.model
+    session_id = property(lambda self: self.core.session_id, doc="The server-side session id.")
+    steps = property(lambda self: self.core.steps, doc="Tokens the session has consumed.")
+    finish_reason = property(lambda self: self.core.finish_reason, doc="How the last generation ended.")
+    opened = property(lambda self: self.core.opened, doc="The Opened answer (session id, model, steps).")
+    model = property(lambda self: self.core.opened.model, doc="The model the session runs on.")
 
     async def _send(self, req: pb.SessionRequest) -> None:
-        if self._ended:
-            raise RnnServeError(grpc.StatusCode.FAILED_PRECONDITION, "the session stream is closed",
-                                self.session_id)
-        if self._open_generation:
-            await self._drain()
-        self._next_id += 1
-        req.request_id = self._next_id
+        if self.core.draining:
+            while not self.core.drained(await self._read()):
+                pass
         try:
-            await self._call.write(req)
+            await self._call.write(self.core.stamp(req))
         except grpc.RpcError as err:
-            self._ended = True
-            raise RnnServeError.from_rpc(err, self.session_id) from None
+            raise self.core.stream_ended(err) from None
         except grpc.aio.UsageError as err:
-            self._ended = True
+            self.core.ended = True
             raise RnnServeError(grpc.StatusCode.UNAVAILABLE, f"stream unusable: {err}", self.session_id) from None
-
-    async def _drain(self) -> None:
-        """Read and drop the rest of a generation the caller abandoned, so answers stay in step."""
-        self._open_generation = False
-        while True:
-            resp = await self._read()
-            if resp.WhichOneof("kind") != "chunk" or resp.chunk.done:
-                return
 
     async def _read(self) -> pb.SessionResponse:
         try:
             resp = await self._call.read()
         except grpc.RpcError as err:
-            self._ended = True
-            raise RnnServeError.from_rpc(err, self.session_id) from None
+            raise self.core.stream_ended(err) from None
         if resp is grpc.aio.EOF:
-            self._ended = True
-            code = await self._call.code()
-            details = await self._call.details()
+            self.core.ended = True
+            code, details = await self._call.code(), await self._call.details()
             if code == grpc.StatusCode.OK:
-                code, details = grpc.StatusCode.UNAVAILABLE, "the server ended the stream"
+                raise self.core.stream_ended()
             raise RnnServeError(code, details or "", self.session_id)
         return resp
 
-    async def _ask(self, req: pb.SessionRequest, want: str) -> pb.SessionResponse:
+    async def _ask(self, req: pb.SessionRequest) -> pb.SessionResponse:
         await self._send(req)
-        return check(await self._read(), want, self.session_id)
+        return await self._read()
 
     async def feed(self, data: str | Sequence[int], output: str | int = "last", top_k: int = 0,
                    logits: bool = False) -> pb.FeedResult:
         """Advance the state over text or token ids; returns the distributions asked for by `output`."""
-        resp = await self._ask(pb.SessionRequest(feed=feed_message(data, output, top_k, logits)), "fed")
-        self.steps = resp.fed.steps
-        return resp.fed
+        req = pb.SessionRequest(feed=core.feed_message(data, output, top_k, logits))
+        return self.core.on_fed(await self._ask(req))
 
     async def generate_chunks(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
                               top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                               chunk_tokens: int = 0) -> AsyncIterator[pb.GenerateChunk]:
         """Sample on the server; yields each GenerateChunk as it arrives (the last has done=True)."""
-        msg = generate_message(max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
+        msg = core.generate_message(max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
         await self._send(pb.SessionRequest(generate=msg))
-        self._open_generation = True
+        self.core.generating()
         while True:
-            try:
-                chunk = check(await self._read(), "chunk", self.session_id).chunk
-            except RnnServeError:
-                self._open_generation = False
-                raise
-            self.steps = chunk.steps
+            chunk = self.core.on_chunk(await self._read())
             yield chunk
             if chunk.done:
-                self._open_generation = False
-                self.finish_reason = chunk.finish_reason
                 return
 
     async def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -137,20 +99,19 @@ class AsyncSession:
 
     async def reset(self, initial: Initial = "model") -> None:
         """Start the sequence over from `initial` ("model", "zeros" or a vector); the id stays."""
-        await self._ask(pb.SessionRequest(reset=pb.Reset(**initial_fields(initial))), "reset")
-        self.steps = 0
+        self.core.on_reset(await self._ask(pb.SessionRequest(reset=pb.Reset(**core.initial_fields(initial)))))
 
     async def close(self) -> None:
         """Close the session on the server (its state is dropped) and end the stream."""
-        if not self._ended:
+        if not self.core.ended:
             try:
-                await self._ask(pb.SessionRequest(close=pb.Close()), "closed")
+                self.core.on_closed(await self._ask(pb.SessionRequest(close=pb.Close())))
             finally:
                 self.detach()
 
     def detach(self) -> None:
         """End the stream but keep the session on the server, resumable by id until its idle timeout."""
-        self._ended = True
+        self.core.ended = True
         self._call.cancel()
 
     async def __aenter__(self) -> Self:
@@ -172,15 +133,16 @@ class AsyncClient:
         self._channel = channel or grpc.aio.insecure_channel(target, options=DEFAULT_OPTIONS)
         self._stub = rnnserve_pb2_grpc.RnnServeStub(self._channel)
 
-    async def _unary(self, method, request, session_id: str = ""):
+    async def _unary(self, call: core.Call) -> Any:
         try:
-            return await method(request, timeout=self.timeout, metadata=self.metadata)
+            return call.unpack(await getattr(self._stub, call.method)(call.request, timeout=self.timeout,
+                                                                       metadata=self.metadata))
         except grpc.RpcError as err:
-            raise RnnServeError.from_rpc(err, session_id) from None
+            raise RnnServeError.from_rpc(err, call.session_id) from None
 
     async def session(self, model: str, version: int = 0, initial: Initial = "model") -> AsyncSession:
         """Open a new streaming session on a model (version 0 = latest)."""
-        first = pb.SessionRequest(open=open_message(model, version, initial))
+        first = pb.SessionRequest(open=core.open_message(model, version, initial))
         return await AsyncSession(self._stub.Session(metadata=self.metadata))._start(first)
 
     async def resume(self, session_id: str) -> AsyncSession:
@@ -190,31 +152,28 @@ class AsyncClient:
 
     async def open_session(self, model: str, version: int = 0, initial: Initial = "model") -> pb.Opened:
         """Unary open: returns Opened (session_id, model info)."""
-        return await self._unary(self._stub.OpenSession,
-                                 pb.OpenSessionRequest(open=open_message(model, version, initial)))
+        return await self._unary(core.open_session(model, version, initial))
 
     async def step(self, session_id: str, data: str | Sequence[int], output: str | int = "last",
                    top_k: int = 0, logits: bool = False) -> pb.FeedResult:
         """Unary feed on a session by id."""
-        req = pb.StepRequest(session_id=session_id, feed=feed_message(data, output, top_k, logits))
-        return (await self._unary(self._stub.Step, req, session_id)).result
+        return await self._unary(core.step(session_id, data, output, top_k, logits))
 
     async def get_state(self, session_id: str) -> pb.StateResponse:
         """A session's state vector, model and step count (export, migrate)."""
-        return await self._unary(self._stub.GetState, pb.GetStateRequest(session_id=session_id), session_id)
+        return await self._unary(core.get_state(session_id))
 
     async def set_state(self, session_id: str, state: Sequence[float]) -> pb.StateResponse:
         """Replace a session's state vector (import, migrate)."""
-        req = pb.SetStateRequest(session_id=session_id, state=[float(x) for x in state])
-        return await self._unary(self._stub.SetState, req, session_id)
+        return await self._unary(core.set_state(session_id, state))
 
     async def close_session(self, session_id: str) -> None:
         """Close a session by id."""
-        await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), session_id)
+        await self._unary(core.close_session(session_id))
 
     async def list_models(self) -> list[pb.ModelInfo]:
         """Every loaded model version with its metadata."""
-        return list((await self._unary(self._stub.ListModels, pb.ListModelsRequest())).models)
+        return await self._unary(core.list_models())
 
     async def close(self) -> None:
         """Close the channel."""

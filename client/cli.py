@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import grpc
 
-from client._common import RnnServeError
-from client.lib import Client, Session
+from .core import RnnServeError
+from .lib import Client, Session
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 CHAT_HELP = "lines continue the session; /reset starts it over, /quit (or end of input) leaves it resumable"

@@ -1,25 +1,17 @@
-"""Synchronous client for rnnserve: streaming sessions and the unary helpers."""
+"""Synchronous client for rnnserve: the I/O shell of client.core over a grpc channel."""
 from __future__ import annotations
 
 import logging
 import queue
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import rnnserve.v1.rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc
 
-from client._common import (
-    DEFAULT_OPTIONS,
-    Initial,
-    RnnServeError,
-    check,
-    feed_message,
-    generate_message,
-    initial_fields,
-    open_message,
-)
+from ..v1 import rnnserve_pb2 as pb
+from ..v1 import rnnserve_pb2_grpc
+from . import core
+from .core import DEFAULT_OPTIONS, Initial, RnnServeError, SessionCore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -35,85 +27,53 @@ class Session:
                  metadata: Sequence[tuple[str, str]] | None = None) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.Session(iter(self._requests.get, _END), metadata=metadata)
-        self._next_id = 0
-        self._ended = False
-        self._open_generation = False  # a generation the caller stopped reading early
-        self.session_id = ""
-        self.steps = 0
-        self.finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
+        self.core = SessionCore()
         try:
-            opened = self._ask(first, "opened").opened
+            self.core.on_opened(self._ask(first))
         except RnnServeError:
             self.detach()
             raise
-        self.opened: pb.Opened = opened
-        self.session_id = opened.session_id
-        self.steps = opened.steps
 
-    @property
-    def model(self) -> pb.ModelInfo:
-        """The model (name, version, vocab, sizes) the session runs on."""
-        return self.opened.model
+    session_id = property(lambda self: self.core.session_id, doc="The server-side session id.")
+    steps = property(lambda self: self.core.steps, doc="Tokens the session has consumed.")
+    finish_reason = property(lambda self: self.core.finish_reason, doc="How the last generation ended.")
+    opened = property(lambda self: self.core.opened, doc="The Opened answer (session id, model, steps).")
+    model = property(lambda self: self.core.opened.model, doc="The model the session runs on.")
 
-    def _send(self, req: pb.SessionRequest) -> int:
-        if self._ended:
-            raise RnnServeError(grpc.StatusCode.FAILED_PRECONDITION, "the session stream is closed",
-                                self.session_id)
-        if self._open_generation:
-            self._drain()
-        self._next_id += 1
-        req.request_id = self._next_id
-        self._requests.put(req)
-        return self._next_id
-
-    def _drain(self) -> None:
-        """Read and drop the rest of a generation the caller abandoned, so answers stay in step."""
-        self._open_generation = False
-        while True:
-            resp = self._read()
-            if resp.WhichOneof("kind") != "chunk" or resp.chunk.done:
-                return
+    def _send(self, req: pb.SessionRequest) -> None:
+        if self.core.draining:
+            while not self.core.drained(self._read()):
+                pass
+        self._requests.put(self.core.stamp(req))
 
     def _read(self) -> pb.SessionResponse:
         try:
             return next(self._call)
         except StopIteration:
-            self._ended = True
-            raise RnnServeError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream",
-                                self.session_id) from None
+            raise self.core.stream_ended() from None
         except grpc.RpcError as err:
-            self._ended = True
-            raise RnnServeError.from_rpc(err, self.session_id) from None
+            raise self.core.stream_ended(err) from None
 
-    def _ask(self, req: pb.SessionRequest, want: str) -> pb.SessionResponse:
+    def _ask(self, req: pb.SessionRequest) -> pb.SessionResponse:
         self._send(req)
-        return check(self._read(), want, self.session_id)
+        return self._read()
 
     def feed(self, data: str | Sequence[int], output: str | int = "last", top_k: int = 0,
              logits: bool = False) -> pb.FeedResult:
         """Advance the state over text or token ids; returns the distributions asked for by `output`."""
-        result = self._ask(pb.SessionRequest(feed=feed_message(data, output, top_k, logits)), "fed").fed
-        self.steps = result.steps
-        return result
+        return self.core.on_fed(self._ask(pb.SessionRequest(feed=core.feed_message(data, output, top_k, logits))))
 
     def generate_chunks(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                         chunk_tokens: int = 0) -> Iterator[pb.GenerateChunk]:
         """Sample on the server; yields each GenerateChunk as it arrives (the last has done=True)."""
-        msg = generate_message(max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
+        msg = core.generate_message(max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
         self._send(pb.SessionRequest(generate=msg))
-        self._open_generation = True
+        self.core.generating()
         while True:
-            try:
-                chunk = check(self._read(), "chunk", self.session_id).chunk
-            except RnnServeError:
-                self._open_generation = False
-                raise
-            self.steps = chunk.steps
+            chunk = self.core.on_chunk(self._read())
             yield chunk
             if chunk.done:
-                self._open_generation = False
-                self.finish_reason = chunk.finish_reason
                 return
 
     def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -125,21 +85,20 @@ class Session:
 
     def reset(self, initial: Initial = "model") -> None:
         """Start the sequence over from `initial` ("model", "zeros" or a vector); the id stays."""
-        self._ask(pb.SessionRequest(reset=pb.Reset(**initial_fields(initial))), "reset")
-        self.steps = 0
+        self.core.on_reset(self._ask(pb.SessionRequest(reset=pb.Reset(**core.initial_fields(initial)))))
 
     def close(self) -> None:
         """Close the session on the server (its state is dropped) and end the stream."""
-        if not self._ended:
+        if not self.core.ended:
             try:
-                self._ask(pb.SessionRequest(close=pb.Close()), "closed")
+                self.core.on_closed(self._ask(pb.SessionRequest(close=pb.Close())))
             finally:
                 self.detach()
 
     def detach(self) -> None:
         """End the stream but keep the session on the server, resumable by id until its idle timeout."""
-        if not self._ended:
-            self._ended = True
+        if not self.core.ended:
+            self.core.ended = True
             self._requests.put(_END)
         self._call.cancel()
 
@@ -162,15 +121,16 @@ class Client:
         self._channel = channel or grpc.insecure_channel(target, options=DEFAULT_OPTIONS)
         self._stub = rnnserve_pb2_grpc.RnnServeStub(self._channel)
 
-    def _unary(self, method, request, session_id: str = ""):
+    def _unary(self, call: core.Call) -> Any:
         try:
-            return method(request, timeout=self.timeout, metadata=self.metadata)
+            return call.unpack(getattr(self._stub, call.method)(call.request, timeout=self.timeout,
+                                                                 metadata=self.metadata))
         except grpc.RpcError as err:
-            raise RnnServeError.from_rpc(err, session_id) from None
+            raise RnnServeError.from_rpc(err, call.session_id) from None
 
     def session(self, model: str, version: int = 0, initial: Initial = "model") -> Session:
         """Open a new streaming session on a model (version 0 = latest)."""
-        return Session(self._stub, pb.SessionRequest(open=open_message(model, version, initial)), self.metadata)
+        return Session(self._stub, pb.SessionRequest(open=core.open_message(model, version, initial)), self.metadata)
 
     def resume(self, session_id: str) -> Session:
         """Reattach a streaming session to an existing session id; its state carries on."""
@@ -178,31 +138,28 @@ class Client:
 
     def open_session(self, model: str, version: int = 0, initial: Initial = "model") -> pb.Opened:
         """Unary open: returns Opened (session_id, model info)."""
-        return self._unary(self._stub.OpenSession,
-                           pb.OpenSessionRequest(open=open_message(model, version, initial)))
+        return self._unary(core.open_session(model, version, initial))
 
     def step(self, session_id: str, data: str | Sequence[int], output: str | int = "last", top_k: int = 0,
              logits: bool = False) -> pb.FeedResult:
         """Unary feed on a session by id."""
-        req = pb.StepRequest(session_id=session_id, feed=feed_message(data, output, top_k, logits))
-        return self._unary(self._stub.Step, req, session_id).result
+        return self._unary(core.step(session_id, data, output, top_k, logits))
 
     def get_state(self, session_id: str) -> pb.StateResponse:
         """A session's state vector, model and step count (export, migrate)."""
-        return self._unary(self._stub.GetState, pb.GetStateRequest(session_id=session_id), session_id)
+        return self._unary(core.get_state(session_id))
 
     def set_state(self, session_id: str, state: Sequence[float]) -> pb.StateResponse:
         """Replace a session's state vector (import, migrate)."""
-        req = pb.SetStateRequest(session_id=session_id, state=[float(x) for x in state])
-        return self._unary(self._stub.SetState, req, session_id)
+        return self._unary(core.set_state(session_id, state))
 
     def close_session(self, session_id: str) -> None:
         """Close a session by id."""
-        self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), session_id)
+        self._unary(core.close_session(session_id))
 
     def list_models(self) -> list[pb.ModelInfo]:
         """Every loaded model version with its metadata."""
-        return list(self._unary(self._stub.ListModels, pb.ListModelsRequest()).models)
+        return self._unary(core.list_models())
 
     def close(self) -> None:
         """Close the channel."""

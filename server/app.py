@@ -1,47 +1,66 @@
-"""Builds the grpc.aio server: native servicer, health, reflection, metrics, extra servicers."""
+"""Builds the grpc.aio server: the native and KServe servicers, health, reflection of both, metrics."""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import rnnserve.v1.rnnserve_pb2 as pb
-import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from server.engine import Engine
-from server.metrics import Metrics
-from server.servicer import RnnServeServicer
-from server.settings import Settings
+from ..v1 import rnnserve_pb2 as pb
+from ..v1 import rnnserve_pb2_grpc as pb_grpc
+from . import kserve
+from .engine import Engine
+from .interceptors import ErrorInterceptor
+from .metrics import Metrics
+from .servicer import RnnServeServicer
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# An extra servicer: called with (grpc.aio.Server, Engine); returns the full service names it added.
-Registrar = Callable[[grpc.aio.Server, Engine], list[str]]
-_EXTRA: list[Registrar] = []
 
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One descriptor pool with every service this server answers, for grpc reflection.
 
-def register_servicer(registrar: Registrar) -> None:
-    """Add a servicer to every server built from now on (the KServe v2 servicer uses this)."""
-    if registrar not in _EXTRA:
-        _EXTRA.append(registrar)
+    The KServe protos live in a private pool (they would clash with tritonclient's in the default
+    one), so reflection gets a pool of its own holding both protocols, health and reflection."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(fd: FileDescriptor) -> None:
+        if fd.name in added:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(fd.name)
+
+    for fd in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(fd)
+    for proto in descriptor_pb2.FileDescriptorSet.FromString(kserve.descriptors.descriptor_set()).file:
+        if proto.name not in added:
+            pool.Add(proto)
+            added.add(proto.name)
+    return pool
 
 
 class App:
     """One running server: engine, grpc.aio server, health, metrics endpoint."""
 
-    def __init__(self, settings: Settings, extra: list[Registrar] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = Engine(settings, self.metrics)
         self.health = health_aio.HealthServicer()
-        self.extra = list(_EXTRA) + list(extra or [])
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = -1
@@ -54,15 +73,15 @@ class App:
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),
                 ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(options=opts)
+        self.server = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics.error)])
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)
+        self.server.add_generic_rpc_handlers(
+            (kserve.handler(kserve.KServeServicer(self.engine, s, self.metrics)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [pb.DESCRIPTOR.services_by_name["RnnServe"].full_name,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        for registrar in self.extra:
-            names.extend(registrar(self.server, self.engine))
-        self.services = names
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.services = [pb.DESCRIPTOR.services_by_name["RnnServe"].full_name, kserve.SERVICE,
+                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*self.services, reflection.SERVICE_NAME], self.server,
+                                            pool=reflection_pool())
         self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port}")

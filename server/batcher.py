@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.repository import ModelVersion
-from server.sampling import sample
-from server.sampling import top_k as top_k_of
-from server.sessions import Session, SessionTable, StatePool
+from .repository import ModelVersion
+from .sampling import sample
+from .sampling import top_k as top_k_of
+from .sessions import Session, SessionTable, StatePool
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,19 @@ class GenRow:
         if not self.uniforms:
             self.uniforms = self.rng.random(min(64, max(1, self.max_tokens - self.produced))).tolist()[::-1]
         return self.uniforms.pop()
+
+
+@dataclass(eq=False)
+class Plan:
+    """One iteration's work, as _schedule picked it: what _execute runs and _update writes back."""
+
+    feeds1: list[FeedJob]  # single-token feeds, stepped with the generating rows
+    rows: list[GenRow]  # generating rows, one token each
+    seqs: list[FeedJob]  # multi-token feeds
+    step_rows: np.ndarray  # (B,) pool rows of feeds1 then rows
+    step_tok: np.ndarray  # (B,) int64
+    step_state: np.ndarray | None  # (B, S)
+    seq_in: list[tuple[list[FeedJob], np.ndarray, np.ndarray]]  # per feed length: jobs, (G, T), (G, S)
 
 
 class Batcher:
@@ -204,6 +217,17 @@ class Batcher:
                 r.final = "length"
 
     async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One step of the engine core: schedule (pick work), execute (onnxruntime), update (write back)."""
+        plan = self._schedule()
+        if plan is None:
+            return
+        t0 = time.perf_counter()
+        out_step, out_seq = await self._execute(plan, loop)
+        self._update(plan, out_step, out_seq, time.perf_counter() - t0)
+
+    def _schedule(self) -> Plan | None:
+        """Pick this iteration's work: single steps and generating rows up to max_batch, and every
+        multi-token feed (grouped by length); gather their states."""
         room = self.max_batch
         feeds1 = [j for j in self._feeds if len(j.tokens) == 1][:room]
         room -= len(feeds1)
@@ -217,7 +241,7 @@ class Batcher:
         seqs = [j for j in self._feeds if len(j.tokens) > 1]
         self._feeds = [j for j in self._feeds if id(j) not in taken1 and len(j.tokens) == 1]
         if not (feeds1 or rows or seqs):
-            return
+            return None
         pool = self.pool
         step_rows = np.array([j.session.row for j in feeds1] + [r.session.row for r in rows], np.int64)
         step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
@@ -227,18 +251,23 @@ class Batcher:
             groups.setdefault(len(j.tokens), []).append(j)
         seq_in = [(g, np.stack([j.tokens for j in g]), pool.states[[j.session.row for j in g]])
                   for g in groups.values()]  # (G, T), (G, S)
+        return Plan(feeds1, rows, seqs, step_rows, step_tok, step_state, seq_in)
+
+    async def _execute(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> tuple:
+        """Run the plan in onnxruntime (on the loop for small feed-only batches, else in the ort thread);
+        on failure every job of the plan fails and its session is released."""
+        rows = plan.rows
         self._inflight.update(rows)
-        t0 = time.perf_counter()
         try:
-            if not (seq_in or rows) and len(step_rows) <= self.inline_rows:  # feeds only: no thread hops
-                out_step, out_seq = self._compute(step_tok, step_state, seq_in)
+            if not (plan.seq_in or rows) and len(plan.step_rows) <= self.inline_rows:  # feeds only: no thread hops
+                out = self._compute(plan.step_tok, plan.step_state, plan.seq_in)
                 await asyncio.sleep(0)  # let the loop run between steps, as the thread call would
-            else:
-                out_step, out_seq = await loop.run_in_executor(self._exec, self._compute, step_tok, step_state,
-                                                               seq_in, bool(rows))
+                return out
+            return await loop.run_in_executor(self._exec, self._compute, plan.step_tok, plan.step_state,
+                                              plan.seq_in, bool(rows))
         except Exception as e:
             self._inflight.difference_update(rows)
-            for j in feeds1 + seqs:
+            for j in plan.feeds1 + plan.seqs:
                 self.table.finish_op(j.session)
                 if not j.future.done():
                     j.future.set_exception(e)
@@ -250,7 +279,11 @@ class Batcher:
             raise
         finally:
             self._inflight.difference_update(rows)
-        dt = time.perf_counter() - t0
+
+    def _update(self, plan: Plan, out_step, out_seq, dt: float) -> None:
+        """Write states and logits back into the pool, answer the feeds, advance the generating rows."""
+        feeds1, rows, seqs, step_rows = plan.feeds1, plan.rows, plan.seqs, plan.step_rows
+        pool = self.pool
         self.last_batch = len(step_rows)
         self.batches += 1
         if self.metrics is not None:
@@ -267,7 +300,7 @@ class Batcher:
                 tops = dict(zip(tops, zip(ids[:, None], probs[:, None])))
             for i, j in enumerate(feeds1):
                 self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
-        for (g, _, _), (logits, state) in zip(seq_in, out_seq):  # (G, T, V), (G, S)
+        for (g, _, _), (logits, state) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
             gr = [j.session.row for j in g]
             pool.states[gr] = state
             pool.logits[gr] = logits[:, -1]

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server import providers as prov
-from server.batcher import Batcher, Chunk, GenRow
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from server.repository import ModelVersion, Repository
-from server.sessions import Session, SessionTable
-from server.settings import Settings
+from . import providers as prov
+from .batcher import Batcher, Chunk, GenRow
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .repository import ModelVersion, Repository
+from .sessions import Session, SessionTable
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ class Engine:
         """Serving: at least one model loaded and not draining."""
         return bool(self.batchers) and not self.draining
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new work is taken (False once draining for shutdown)."""
+        return not self.draining
+
     async def drain(self, grace: float) -> None:
         """Refuse new work, let generations finish within `grace` seconds, then cut the rest."""
         self.draining = True
@@ -191,6 +196,14 @@ class Engine:
         if self.repo is None:
             return []
         return [(mv, self.repo.get(mv.name) is mv) for mv in self.repo.all()]
+
+    def is_latest(self, mv: ModelVersion) -> bool:
+        """Whether this version is the one new sessions of its model get (the default)."""
+        return self.repo is not None and self.repo.get(mv.name) is mv
+
+    def versions(self, name: str) -> list[int]:
+        """The loaded versions of one model, ascending."""
+        return [mv.version for mv, _ in self.list_models() if mv.name == name]
 
     def model(self, name: str, version: int = 0) -> ModelVersion:
         """A loaded model version (0 = latest); NOT_FOUND naming what exists."""
@@ -285,6 +298,10 @@ class Engine:
     def session_model(self, session_id: str) -> ModelVersion:
         """The model version a live session runs on."""
         return self.table.get(session_id).model
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether a session with this id is live (no NOT_FOUND, no touch of its idle clock)."""
+        return session_id in self.table.live
 
     async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
                    output: str = "last", top_k: int = 0) -> FeedResult:

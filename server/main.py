@@ -7,25 +7,15 @@ import os
 import signal
 import sys
 
-from server.app import App, Registrar
-from server.settings import Settings, parse
+from .app import App
+from .settings import Settings, parse
 
 log = logging.getLogger(__name__)
 
 
-def extra_servicers() -> list[Registrar]:
-    """The servicers served beside the native one: the KServe v2 endpoint when its module is present."""
-    try:
-        from server import kserve
-    except ImportError as e:
-        log.warning("KServe v2 endpoint not available: %s", e)
-        return []
-    return [kserve.register]
-
-
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period."""
-    app = App(settings, extra=extra_servicers())
+    app = App(settings)
     try:
         await app.start()
     except (OSError, RuntimeError) as e:

@@ -1,8 +1,6 @@
 """The model repository: scan models/<name>/<version>/, verify each version, open its onnxruntime sessions."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +8,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-log = logging.getLogger(__name__)
+from .contract import (
+    META_FILE,
+    ONNX_FILES,
+    SEQUENCE_FILE,
+    STEP_FILE,
+    ModelFormatError,
+    ModelMeta,
+    check_session,
+    check_version,
+    open_session,
+)
 
-FILES = ("model.onnx", "sequence.onnx")
-CELLS = ("elman", "gru", "lstm")
+log = logging.getLogger(__name__)
 
 
 class LoadError(Exception):
@@ -27,7 +34,7 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    meta: dict
+    meta: ModelMeta
     vocab: list[str]
     state_size: int
     initial_state: np.ndarray  # (S,) float32
@@ -50,76 +57,6 @@ class ModelVersion:
         return f"{self.name}:{self.version}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_meta(vdir: Path) -> dict:
-    """Read and check model.json and the checksums of the files it lists (torch-free)."""
-    try:
-        meta = json.loads((vdir / "model.json").read_text())
-    except FileNotFoundError:
-        raise LoadError("model.json is missing") from None
-    except (OSError, ValueError) as e:
-        raise LoadError(f"model.json is unreadable: {e}") from None
-    if not isinstance(meta, dict):
-        raise LoadError("model.json is not an object")
-    for key in ("name", "version", "cell", "vocab", "state_size", "initial_state", "files"):
-        if key not in meta:
-            raise LoadError(f"model.json lacks {key!r}")
-    if meta["cell"] not in CELLS:
-        raise LoadError(f"model.json cell {meta['cell']!r} is not one of {CELLS}")
-    vocab = meta["vocab"]
-    if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
-        raise LoadError("model.json vocab must be a non-empty list of 1-character strings")
-    if len(set(vocab)) != len(vocab):
-        raise LoadError("model.json vocab has duplicates")
-    if not isinstance(meta["state_size"], int) or meta["state_size"] < 1:
-        raise LoadError("model.json state_size must be a positive integer")
-    if len(meta["initial_state"]) != meta["state_size"]:
-        raise LoadError(f"initial_state has length {len(meta['initial_state'])}, state_size is {meta['state_size']}")
-    if str(meta["version"]) != vdir.name:
-        raise LoadError(f"model.json version {meta['version']} does not match the folder {vdir.name}")
-    for name in FILES:
-        want = meta["files"].get(name) if isinstance(meta["files"], dict) else None
-        if not want:
-            raise LoadError(f"model.json lists no sha256 for {name}")
-        if not (vdir / name).is_file():
-            raise LoadError(f"{name} is missing")
-        got = _sha256(vdir / name)
-        if got != want:
-            raise LoadError(f"{name} sha256 {got[:12]}... does not match model.json {str(want)[:12]}...")
-    return meta
-
-
-def _check_io(sess: ort.InferenceSession, fname: str, rank: int, state_size: int, vocab: int) -> None:
-    """Inputs tokens int64 / state float32 (.., S); outputs logits float32 (.., V) / state_out (.., S)."""
-    ins = {i.name: i for i in sess.get_inputs()}
-    outs = {o.name: o for o in sess.get_outputs()}
-    for name, want in (("tokens", "tensor(int64)"), ("state", "tensor(float)")):
-        if name not in ins:
-            raise LoadError(f"{fname} has no input {name!r} (has {sorted(ins)})")
-        if ins[name].type != want:
-            raise LoadError(f"{fname} input {name!r} is {ins[name].type}, expected {want}")
-    for name in ("logits", "state_out"):
-        if name not in outs:
-            raise LoadError(f"{fname} has no output {name!r} (has {sorted(outs)})")
-        if outs[name].type != "tensor(float)":
-            raise LoadError(f"{fname} output {name!r} is {outs[name].type}, expected tensor(float)")
-    checks = (("tokens", ins, rank, None), ("state", ins, 2, state_size),
-              ("logits", outs, rank + 1, vocab), ("state_out", outs, 2, state_size))
-    for name, table, want_rank, last in checks:
-        shape = table[name].shape
-        if len(shape) != want_rank:
-            raise LoadError(f"{fname} {name!r} has rank {len(shape)}, expected {want_rank}")
-        if last is not None and isinstance(shape[-1], int) and shape[-1] != last:
-            raise LoadError(f"{fname} {name!r} last dimension is {shape[-1]}, expected {last}")
-
-
 def _options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -138,32 +75,34 @@ def load_version(vdir: Path, providers: list[str], threads: int = 1,
     gen_threads: the same for the step calls of batches with generating rows (big batches that keep
     onnxruntime busy, where more threads pay off: generation @64 105k -> 138k tokens/s with the default);
     when it differs from `threads`, model.onnx is opened a second time with it."""
-    meta = read_meta(vdir)
-    gen_threads = threads if gen_threads is None else gen_threads
-    sessions = {}
-    files = [("model.onnx", 1, threads), ("sequence.onnx", 2, threads)]
-    if gen_threads != threads:
-        files.append(("model.onnx", 1, gen_threads))
-    for i, (fname, rank, n) in enumerate(files):
-        try:
-            sess = ort.InferenceSession(str(vdir / fname), _options(n), providers=providers)
-        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own Fail/InvalidGraph types)
-            raise LoadError(f"{fname} does not load in onnxruntime: {e}") from None
-        _check_io(sess, fname, rank, meta["state_size"], len(meta["vocab"]))
-        model_vocab = sess.get_modelmeta().custom_metadata_map.get("vocab")
-        if model_vocab is not None and json.loads(model_vocab) != meta["vocab"]:
-            raise LoadError(f"{fname} metadata vocab differs from model.json")
-        sessions[i] = sess
+    try:
+        meta = check_version(vdir)
+        gen_threads = threads if gen_threads is None else gen_threads
+        files = [(STEP_FILE, threads), (SEQUENCE_FILE, threads)]
+        if gen_threads != threads:
+            files.append((STEP_FILE, gen_threads))
+        sessions = []
+        for fname, n in files:
+            sess = open_session(vdir / fname, _options(n), providers)
+            check_session(sess, vdir / fname, meta)
+            sessions.append(sess)
+    except ModelFormatError as e:
+        raise LoadError(_relative(str(e), vdir)) from None
     return ModelVersion(
-        name=vdir.parent.name, version=int(vdir.name), path=vdir, meta=meta, vocab=list(meta["vocab"]),
-        state_size=int(meta["state_size"]), initial_state=np.asarray(meta["initial_state"], np.float32),
-        step=sessions[0], sequence=sessions[1], step_gen=sessions.get(2))
+        name=vdir.parent.name, version=int(vdir.name), path=vdir, meta=meta, vocab=list(meta.vocab),
+        state_size=meta.state_size, initial_state=meta.initial_state_array(),
+        step=sessions[0], sequence=sessions[1], step_gen=sessions[2] if len(sessions) > 2 else None)
+
+
+def _relative(message: str, vdir: Path) -> str:
+    """The contract's message with the version folder's path left out (the log line names it already)."""
+    return message.replace(f"{vdir}/", "").replace(str(vdir), ".")
 
 
 def _fingerprint(vdir: Path) -> tuple:
     """Cheap change detector for a version folder (sizes and mtimes), so a failure is logged once."""
     out = []
-    for name in ("model.json", *FILES):
+    for name in (META_FILE, *ONNX_FILES):
         try:
             st = (vdir / name).stat()
             out.append((name, st.st_size, st.st_mtime_ns))
@@ -225,7 +164,7 @@ class Repository:
                 have[v] = mv
                 added.append(mv)
                 ok.append(v)
-                log.info("loaded %s (%s, state %d, vocab %d)", mv.key, mv.meta["cell"], mv.state_size,
+                log.info("loaded %s (%s, state %d, vocab %d)", mv.key, mv.meta.cell, mv.state_size,
                          mv.vocab_size)
             wanted.update((name, v) for v in ok)
         removed = [mv for name, vs in self.loaded.items() for v, mv in vs.items() if (name, v) not in wanted]

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-import rnnserve.v1.rnnserve_pb2 as pb
-import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 
-from server.engine import Engine, FeedResult
-from server.errors import FailedPrecondition, InvalidArgument, ServeError
-from server.repository import ModelVersion
-from server.sampling import top_k as sample_top_k
+from ..v1 import rnnserve_pb2 as pb
+from ..v1 import rnnserve_pb2_grpc as pb_grpc
+from .engine import Engine, FeedResult
+from .errors import FailedPrecondition, InvalidArgument, ServeError
+from .repository import ModelVersion
+from .sampling import top_k as sample_top_k
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,9 @@ _FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
 def model_info(mv: ModelVersion, latest: bool) -> pb.ModelInfo:
     """ModelInfo of a loaded version."""
     m = mv.meta
-    metrics = {k: float(v) for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return pb.ModelInfo(name=mv.name, version=mv.version, cell=m.get("cell", ""), vocab=mv.vocab,
-                        hidden_size=int(m.get("hidden_size") or 0), state_size=mv.state_size,
-                        layers=int(m.get("layers") or 0), metrics=metrics, latest=latest)
+    metrics = {k: float(v) for k, v in m.metrics.items() if isinstance(v, (int, float))}
+    return pb.ModelInfo(name=mv.name, version=mv.version, cell=m.cell, vocab=mv.vocab, hidden_size=m.hidden_size,
+                        state_size=mv.state_size, layers=m.layers, metrics=metrics, latest=latest)
 
 
 def distributions(logits: np.ndarray | None, top_k: int, want_logits: bool,
@@ -69,16 +68,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         if self.metrics is not None:
             self.metrics.error(e.code.name)
 
-    async def _abort(self, context: grpc.aio.ServicerContext, e: ServeError) -> None:
-        self._count(e)
-        await context.abort(e.code, e.message)
-
     def _opened(self, info) -> pb.Opened:
         return pb.Opened(session_id=info.session_id, model=model_info(info.model, self._latest(info.model)),
                          steps=info.steps, resumed=info.resumed, idle_timeout_s=int(info.idle_timeout_s))
 
     def _latest(self, mv: ModelVersion) -> bool:
-        return self.engine.repo is not None and self.engine.repo.get(mv.name) is mv
+        return self.engine.is_latest(mv)
 
     def _open(self, o: pb.Open):
         return self.engine.open(o.model.name, o.model.version, *_start(o.initial, o.state))
@@ -146,21 +141,14 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         finally:
             gen.cancel()  # client gone or stream broken: the row leaves the batch now
 
-    # -- unary ----------------------------------------------------------------------------------------
+    # -- unary (a ServeError becomes the call's status in the ErrorInterceptor) ---------------------------
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.Opened:
         """Open a session without a stream."""
-        try:
-            return self._opened(self._open(request.open))
-        except ServeError as e:
-            await self._abort(context, e)
+        return self._opened(self._open(request.open))
 
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
         """One feed on a session by id."""
-        try:
-            fed = await self._feed(request.session_id, request.feed)
-            return pb.StepResponse(session_id=request.session_id, result=fed)
-        except ServeError as e:
-            await self._abort(context, e)
+        return pb.StepResponse(session_id=request.session_id, result=await self._feed(request.session_id, request.feed))
 
     def _state(self, v) -> pb.StateResponse:
         return pb.StateResponse(session_id=v.session_id, model=pb.ModelRef(name=v.model.name,
@@ -168,24 +156,15 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
     async def GetState(self, request: pb.GetStateRequest, context) -> pb.StateResponse:
         """Export a session's state vector."""
-        try:
-            return self._state(self.engine.get_state(request.session_id))
-        except ServeError as e:
-            await self._abort(context, e)
+        return self._state(self.engine.get_state(request.session_id))
 
     async def SetState(self, request: pb.SetStateRequest, context) -> pb.StateResponse:
         """Import a state vector into a session."""
-        try:
-            return self._state(self.engine.set_state(request.session_id, list(request.state)))
-        except ServeError as e:
-            await self._abort(context, e)
+        return self._state(self.engine.set_state(request.session_id, list(request.state)))
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.Closed:
         """Close a session by id."""
-        try:
-            return pb.Closed(session_id=self.engine.close(request.session_id))
-        except ServeError as e:
-            await self._abort(context, e)
+        return pb.Closed(session_id=self.engine.close(request.session_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         """Every loaded version with its metadata."""

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from server.errors import NotFound, ResourceExhausted
-from server.repository import ModelVersion
+from .errors import NotFound, ResourceExhausted
+from .repository import ModelVersion
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     import grpc
     import rnnserve.v1.rnnserve_pb2 as pb
     import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
-
-    from server.app import App
+    from rnnserve.server.app import App
 
 TINY_TEXT = """\
 First Citizen:
@@ -67,8 +66,7 @@ TINY_MODELS = (
 def tiny_model(cell: str, hidden: int, layers: int, init_state: str, seed: int, vocab_size: int):
     """A seeded random RNNModel; a learned initial state gets non-zero values so it matters."""
     import torch
-
-    from trainer.model import ModelConfig, RNNModel
+    from rnnserve.trainer.model import ModelConfig, RNNModel
 
     torch.manual_seed(seed)
     model = RNNModel(ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden, layers=layers,
@@ -81,7 +79,7 @@ def tiny_model(cell: str, hidden: int, layers: int, init_state: str, seed: int, 
 
 def save_tiny_checkpoint(path: Path, model, val_loss: float, steps: int, **extra) -> Path:
     """Save `model` (over TINY_TEXT's vocabulary) as a checkpoint rnn-export reads; `extra` adds top-level keys."""
-    from trainer import checkpoint
+    from rnnserve.trainer import checkpoint
 
     return checkpoint.save(path, {
         "config": model.config.to_dict(), "vocab": sorted(set(TINY_TEXT)), "model": model.state_dict(),
@@ -171,7 +169,7 @@ def tiny_text() -> str:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with tiny/1, tiny-lstm/1 and tiny-gru/1, made by trainer.export."""
-    from trainer.export import export_model
+    from rnnserve.trainer.export import export_model
 
     repo = tmp_path_factory.mktemp("tiny-repo")
     vocab = sorted(set(TINY_TEXT))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_TEXT, save_tiny_checkpoint, tiny_model
-
-from trainer import checkpoint
-from trainer import onnx_graph as og
-from trainer.batch_export import main_batch, main_list, scan
-from trainer.export import ModelFormatError, verify_version_dir, version_numbers
+from rnnserve.server.contract import ModelFormatError, verify_version_dir, version_numbers
+from rnnserve.trainer import checkpoint
+from rnnserve.trainer import onnx_graph as og
+from rnnserve.trainer.batch_export import main_batch
+from rnnserve.trainer.listing import main_list, scan
 
 BIN = Path(sys.executable).parent
 VOCAB = sorted(set(TINY_TEXT))

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from trainer.cells import Cell, GRUScan, LSTMScan, make_cell
-from trainer.model import ModelConfig, RNNModel
+from rnnserve.trainer.cells import Cell, GRUScan, LSTMScan, make_cell
+from rnnserve.trainer.model import ModelConfig, RNNModel
 
 KINDS = ("elman", "gru", "lstm")
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from client import AsyncClient, Client, RnnServeError
+from rnnserve.client import AsyncClient, Client, RnnServeError
 
 BIN = Path(sys.executable).parent
 LABEL = re.compile(r"\[session (\S+) · (\S+) v(\d+) · (\d+) steps\]")

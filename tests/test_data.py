@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from trainer.data import CorpusError, StreamBatches, Vocab, load_text, split
+from rnnserve.trainer.data import CorpusError, StreamBatches, Vocab, load_text, split
 
 
 def test_vocab_sorted_roundtrip() -> None:

@@ -156,7 +156,7 @@ def copy_sources(stage: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
 
 def server_env_names() -> set[str]:
     """The RNNSERVE_* names rnn-serve reads: one per field of server.settings.Settings."""
-    from server import settings
+    from rnnserve.server import settings
     return {settings.ENV_PREFIX + f.name.upper() for f in dataclasses.fields(settings.Settings)}
 
 
@@ -207,7 +207,7 @@ def test_server_service_structure():
 
 def test_server_environment_is_the_settings_contract():
     """Only names rnn-serve (or rnn-health) reads, every setting but the port file set, all parseable."""
-    from server import settings
+    from rnnserve.server import settings
     known = server_env_names()
     assert CONTRACT_ENV <= known, f"server/settings.py lacks contract names: {CONTRACT_ENV - known}"
     env = resolved(COMPOSE)["services"]["server"]["environment"]
@@ -261,7 +261,8 @@ def test_jobs_and_monitoring_profiles():
 
 def test_job_commands_parse_and_chain():
     """The jobs' default arguments parse with the real CLIs, and export publishes what train wrote."""
-    from trainer import args, export
+    from rnnserve.trainer import args
+    from rnnserve.trainer import export_cli as export
     c = resolved(COMPOSE)
     train_args = args.build_parser().parse_args(c["services"]["train"]["command"])
     export_args = export.build_parser().parse_args(c["services"]["export"]["command"])
@@ -368,7 +369,7 @@ def test_default_models_are_shipped():
 
 GENERATE = """
 import json, sys
-from client.lib import Client
+from rnnserve.client.lib import Client
 with Client(sys.argv[1]) as c:
     model = c.list_models()[0]
     with c.session(model.name) as s:
@@ -417,12 +418,43 @@ def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float
     pytest.fail(f"no {what} within {timeout} s:\n{log.read_text()}")
 
 
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory) -> Path:
+    """A fresh venv with the project installed as the server image installs it: not editable, no torch."""
+    tmp = tmp_path_factory.mktemp("image")
+    venv = tmp / "venv"
+    image_install(build_context(tmp), venv)
+    return venv
+
+
+IMPORTS = """
+import importlib.util, json, sys
+tops = {n: importlib.util.find_spec(n) is not None for n in ("trainer", "server", "client", "inference")}
+import rnnserve.server, rnnserve.server.app, rnnserve.server.main, rnnserve.client, rnnserve.v1.rnnserve_pb2
+from rnnserve.server.kserve import descriptors
+print(json.dumps({"tops": tops, "torch": "torch" in sys.modules, "desc": len(descriptors.descriptor_set()),
+                  "where": rnnserve.server.__file__}))
+"""
+
+
+def test_installed_package_has_one_import_root(image_venv, tmp_path):
+    """Installed (not editable), the project is `rnnserve.*` alone: no top-level trainer/server/client/
+    inference that could clash with other PyPI packages, the KServe descriptors shipped as package data,
+    and the server importable without torch."""
+    r = subprocess.run([str(image_venv / "bin" / "python"), "-c", IMPORTS], cwd=tmp_path, check=False,
+                       capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tops"] == {"trainer": False, "server": False, "client": False, "inference": False}, out
+    assert not out["torch"] and out["desc"] > 1000, out
+    assert str(image_venv) in out["where"], out  # the installed copy, not this checkout
+
+
 @pytest.mark.timeout(600)
-def test_server_image_commands_live(tmp_path, request):
+def test_server_image_commands_live(image_venv, tmp_path, request):
     """Install as the image does (no torch), serve with compose's env, probe, stream, SIGTERM -> exit 0."""
-    venv = tmp_path / "venv"
-    image_install(build_context(tmp_path), venv)
-    bin_dir = venv / "bin"
+    bin_dir = image_venv / "bin"
     torch = subprocess.run([str(bin_dir / "python"), "-c", "import torch"], check=False,
                            capture_output=True, text=True)
     assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr, torch.stderr
@@ -460,6 +492,19 @@ def test_server_image_commands_live(tmp_path, request):
         chunks = out["chunks"]
         assert len(chunks) > 1 and chunks[-1]["done"] and sum(c["tokens"] for c in chunks) == 48, chunks
         assert set("".join(c["text"] for c in chunks)) <= set(out["vocab"])
+
+        # the KServe endpoint answers from the installed package (its descriptors are package data)
+        import numpy as np
+        import tritonclient.grpc as tc
+
+        kc = tc.InferenceServerClient(env["RNNSERVE_HEALTH_TARGET"])
+        try:
+            assert kc.get_model_metadata(out["model"]).name == out["model"]
+            x = tc.InferInput("tokens", [1, 2], "INT64")
+            x.set_data_from_numpy(np.zeros((1, 2), np.int64))
+            assert kc.infer(out["model"], [x]).as_numpy("logits").shape == (1, 2, len(out["vocab"]))
+        finally:
+            kc.close()
 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics_port']}/metrics", timeout=10) as resp:
             assert resp.status == 200 and b"# HELP" in resp.read()

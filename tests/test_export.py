@@ -17,17 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import save_tiny_checkpoint, tiny_model
-
-from trainer import onnx_graph as og
-from trainer.export import (
+from rnnserve.server.contract import (
     REQUIRED_KEYS,
-    ExportError,
     ModelFormatError,
-    export_model,
-    ort_session,
+    open_session,
     sha256_file,
     verify_version_dir,
 )
+from rnnserve.trainer import onnx_graph as og
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.publish import ExportError
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def test_parity_against_torch(tmp_path: Path, tiny_text: str, cell: str, layers:
     assert np.allclose(meta["initial_state"], model.h0.detach().numpy(), atol=0)
     if init == "learned":
         assert np.abs(meta["initial_state"]).max() > 0.1
-    step, seq = ort_session(path / "model.onnx"), ort_session(path / "sequence.onnx")
+    step, seq = open_session(path / "model.onnx"), open_session(path / "sequence.onnx")
     g = np.random.default_rng(3)
     tokens = g.integers(0, len(vocab), size=(5, 40))  # (B, T)
     state = np.tile(np.asarray(meta["initial_state"], np.float32), (5, 1))  # (B, S)
@@ -249,14 +248,14 @@ def test_shipped_model_meets_its_validation_goal(name: str, cell: str, goal: flo
     meta = verify_version_dir(folder)
     assert meta["cell"] == cell
     text = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    got = og.onnx_val_loss(ort_session(folder / "sequence.onnx"), text, meta["vocab"],
+    got = og.onnx_val_loss(open_session(folder / "sequence.onnx"), text, meta["vocab"],
                            np.asarray(meta["initial_state"], dtype=np.float32))
     assert got == pytest.approx(meta["metrics"]["val_loss"], abs=1e-4)
     assert got <= goal
 
 
 def test_verify_is_torch_free() -> None:
-    code = ("import sys, trainer.export as e; bad = sorted({'torch', 'onnx'} & set(sys.modules)); "
+    code = ("import sys, rnnserve.server.contract as e; bad = sorted({'torch', 'onnx'} & set(sys.modules)); "
             "print(bad, file=sys.stderr); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr  # a server can share it without torch or onnx installed
@@ -302,7 +301,7 @@ def test_end_to_end_train_save_export_run(tmp_path: Path, tiny_text: str) -> Non
     assert meta["metrics"]["steps"] == 30 and meta["metrics"]["val_loss_torch"] == 2.5
     assert meta["source"]["checkpoint_sha256"] == sha256_file(ckpt)
     assert meta["metrics"]["val_loss"] < losses[0]  # trained: better than where it started
-    step = ort_session(Path(out["path"]) / "model.onnx")
+    step = open_session(Path(out["path"]) / "model.onnx")
     state = np.asarray([meta["initial_state"]], np.float32)
     token, text = np.array([vocab.index("F")]), "F"
     for _ in range(40):  # greedy generation through onnxruntime

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainer import fused
-from trainer.cells import LSTMScan, make_cell
+from rnnserve.trainer import fused
+from rnnserve.trainer.cells import LSTMScan, make_cell
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build trainer/fused.c")
 
@@ -96,7 +95,7 @@ def test_compiler_failure_is_reported_and_falls_back(tmp_path: Path, monkeypatch
         fused.build()
     monkeypatch.setitem(fused._state, "tried", False)
     monkeypatch.setitem(fused._state, "lib", None)
-    with caplog.at_level(logging.WARNING, logger="trainer.fused"):
+    with caplog.at_level(logging.WARNING, logger="rnnserve.trainer.fused"):
         assert not fused.available(torch.zeros(1))
     assert "using torch ops" in caplog.text and "simulated" in caplog.text
     assert list((tmp_path / "cache" / "rnnserve").iterdir()) == []
@@ -108,7 +107,7 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path: Path, monkeypatch, caplog) 
     path.write_bytes(b"not a shared library")
     monkeypatch.setitem(fused._state, "tried", False)
     monkeypatch.setitem(fused._state, "lib", None)
-    with caplog.at_level(logging.WARNING, logger="trainer.fused"):
+    with caplog.at_level(logging.WARNING, logger="rnnserve.trainer.fused"):
         assert fused.available(torch.zeros(1))
     assert "rebuilding" in caplog.text and path.read_bytes() != b"not a shared library"
     assert _scan(True, 5, "dense")[2].isfinite().all()  # and it computes

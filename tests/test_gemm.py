@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from trainer.gemm import linear, linear_add, linear_sigmoid, pack, project
+from rnnserve.trainer.gemm import linear, linear_add, linear_sigmoid, pack, project
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 takes the torch fallback

@@ -19,21 +19,31 @@ import rnnserve.v1.rnnserve_pb2 as npb
 import rnnserve.v1.rnnserve_pb2_grpc as npb_grpc
 import tritonclient.grpc as tc
 from google.protobuf import descriptor_pool
+from rnnserve.server.app import App
+from rnnserve.server.kserve import descriptors as kserve_proto
+from rnnserve.server.settings import Settings
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: F401  (registers Triton's own)
 from tritonclient.utils import InferenceServerException
-
-from server import kserve, kserve_proto
-from server.app import App
-from server.settings import Settings
 
 
 # ----------------------------------------------------------------------------- protocol files
 def test_descriptor_set_is_fresh() -> None:
     """The committed grpc_service.desc is what protoc makes of the committed .proto files."""
+    protogen = _protogen()
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = kserve_proto.generate(Path(tmp)).read_bytes()
-    assert fresh == kserve_proto.DESC_PATH.read_bytes(), (
-        "protos/inference/grpc_service.desc is stale: run .venv/bin/python -m server.kserve_proto")
+        fresh = protogen.generate_descriptors(Path(tmp) / "grpc_service.desc").read_bytes()
+    assert fresh == protogen.DESC_PATH.read_bytes() == kserve_proto.descriptor_set(), (
+        "server/kserve/grpc_service.desc is stale: run `make protos`")
+
+
+def _protogen():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("protogen", Path(__file__).resolve().parent.parent / "scripts"
+                                                  / "protogen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _same_enum(ours, theirs) -> None:
@@ -95,8 +105,6 @@ class Served:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.app = App(settings)
-        if kserve.register not in self.app.extra:  # until app.py registers it for every server
-            self.app.extra.append(kserve.register)
         self._call(self.app.start())
         self.url = f"127.0.0.1:{self.app.port}"
         self.client = tc.InferenceServerClient(self.url)

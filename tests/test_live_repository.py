@@ -29,12 +29,12 @@ import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from conftest import TINY_TEXT, SessionStream, save_tiny_checkpoint, started, tiny_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from server import kserve
-from server.app import App
-from server.sampling import sample
-from server.settings import parse
-from trainer.export import TMP_PREFIX, export_model, verify_version_dir, version_numbers
+from rnnserve.server.app import App
+from rnnserve.server.contract import verify_version_dir, version_numbers
+from rnnserve.server.sampling import sample
+from rnnserve.server.settings import parse
+from rnnserve.trainer.export import export_model
+from rnnserve.trainer.publish import TMP_PREFIX
 
 BIN = Path(sys.executable).parent
 VOCAB = sorted(set(TINY_TEXT))
@@ -82,8 +82,6 @@ def settings(repo: Path, *flags: str):
 async def serving(repo: Path, *flags: str, **kw):
     """An App (native + KServe) on an ephemeral port with a channel and a native stub."""
     app = App(dataclasses.replace(settings(repo, *flags), **kw))
-    if kserve.register not in app.extra:
-        app.extra.append(kserve.register)
     async with started(app) as running:
         yield running
 
@@ -175,7 +173,7 @@ def copy_version(src: Path, dst: Path, version: int) -> Path:
 def test_publishing_with_the_batch_exporter_while_sessions_stream(tmp_path: Path, ckpts: list[Path]) -> None:
     """A generation and a sequence of feeds keep version 1's exact outputs across a batch publish of
     version 2; new sessions get version 2; version 1 can still be opened pinned (latest 2 served)."""
-    from trainer.batch_export import main_batch
+    from rnnserve.trainer.batch_export import main_batch
 
     repo, report = tmp_path / "repo", tmp_path / "report.json"
 
@@ -277,7 +275,7 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, t
             assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].steps == 3 + 2 + 3 + 40
             assert any(mv.key == "live:3" for mv in app.engine.batchers), "unloaded under a live session"
 
-            with caplog.at_level(logging.INFO, logger="server.engine"):
+            with caplog.at_level(logging.INFO, logger="rnnserve.server.engine"):
                 await st.send(close=pb.Close())
                 await st.end()
                 # the log line, not the batcher table: the engine drops the batcher, then awaits its stop, then logs
@@ -301,10 +299,10 @@ def _corrupt(kind: str, good: Path, dst: Path, version: int) -> str:
     blob = (d / "model.onnx").read_bytes()
     if kind == "truncated":  # model.json's sha256 no longer matches
         (d / "model.onnx").write_bytes(blob[: len(blob) // 2])
-        return "model.onnx sha256"
+        return "model.onnx: sha256"
     if kind == "no-sequence":
         (d / "sequence.onnx").unlink()
-        return "sequence.onnx is missing"
+        return "sequence.onnx: missing"
     # truncated with a matching checksum: only onnxruntime can tell
     import hashlib
 
@@ -312,7 +310,7 @@ def _corrupt(kind: str, good: Path, dst: Path, version: int) -> str:
     meta = json.loads((d / "model.json").read_text())
     meta["files"]["model.onnx"] = hashlib.sha256(blob[: len(blob) // 2]).hexdigest()
     (d / "model.json").write_text(json.dumps(meta))
-    return "model.onnx does not load in onnxruntime"
+    return "model.onnx: onnxruntime cannot load it"
 
 
 def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path: Path, three: Path,
@@ -322,12 +320,12 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
     repo = tmp_path / "repo"
     shutil.copytree(three / "live" / "1", repo / "live" / "1")
     ref1 = Reference(repo / "live" / "1")
-    caplog.set_level(logging.ERROR, logger="server.repository")
+    caplog.set_level(logging.ERROR, logger="rnnserve.server.repository")
 
     reasons: dict[int, str] = {}
 
     def errors() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "server.repository"]
+        return [r.getMessage() for r in caplog.records if r.name == "rnnserve.server.repository"]
 
     async def main() -> None:
         async with serving(repo) as (app, ch, stub):  # the default policy: serve the latest one
@@ -363,8 +361,8 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
     asyncio.run(main())
     logged = errors()
     # rm -rf of live/4 is not atomic: a scan that meets the half-deleted folder rightly logs it once more
-    # (seen as "model.json is missing" with the folder empty), so such late lines about live/4 are allowed.
-    racing = [m for m in logged[3:] if m.startswith("skipping live/4: ") and "is missing" in m]
+    # (seen as "model.json: missing" with the folder empty), so such late lines about live/4 are allowed.
+    racing = [m for m in logged[3:] if m.startswith("skipping live/4: ") and ": missing" in m]
     assert len(logged) - len(racing) == 3, logged
     for v, needle in reasons.items():
         mine = [m for m in logged[:3] if f"live/{v}:" in m]

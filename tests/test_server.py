@@ -17,10 +17,9 @@ import rnnserve.v1.rnnserve_pb2 as pb
 from conftest import SessionStream, started
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from server.app import App
-from server.sampling import sample
-from server.settings import Settings
+from rnnserve.server.app import App
+from rnnserve.server.sampling import sample
+from rnnserve.server.settings import Settings
 
 IA, NF, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)

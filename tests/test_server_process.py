@@ -14,9 +14,8 @@ import grpc
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
-
-from server.repository import Repository
-from server.settings import Settings, parse
+from rnnserve.server.repository import Repository
+from rnnserve.server.settings import Settings, parse
 
 BIN = Path(sys.executable).parent
 
@@ -44,7 +43,7 @@ def test_a_broken_version_is_skipped_once_with_its_reason(tiny_repo: Path, tmp_p
     (repo / "tiny/2/model.json").write_text(json.dumps(meta))
     (repo / "tiny/2/model.onnx").write_bytes(b"\0corrupt" + (repo / "tiny/2/model.onnx").read_bytes()[8:])
     r = Repository(repo, ["CPUExecutionProvider"], serve_versions=1)
-    with caplog.at_level(logging.ERROR, logger="server.repository"):
+    with caplog.at_level(logging.ERROR, logger="rnnserve.server.repository"):
         added, _ = r.scan()
         r.scan()
     assert [m.key for m in added] == ["tiny:1"] and r.get("tiny").version == 1
@@ -95,7 +94,7 @@ def test_sigterm_drains_a_generation_and_exits_zero(tiny_repo: Path, tmp_path: P
 
 
 def test_provider_choice_is_quiet_and_says_why(capfd) -> None:
-    from server import providers
+    from rnnserve.server import providers
 
     assert providers.choose("cpu") == (["CPUExecutionProvider"], "--device cpu")
     chosen, why = providers.choose("auto")

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from trainer import checkpoint
-from trainer.data import StreamBatches, split
-from trainer.train import Run, TrainArgs, clip_gradients, main, sequence_loss
+from rnnserve.trainer import checkpoint
+from rnnserve.trainer.data import StreamBatches, split
+from rnnserve.trainer.train import Run, TrainArgs, clip_gradients, main, sequence_loss
 
 TEXT = "".join(f"{w} the quick brown fox {i % 7} jumps over the lazy dog.\n"
                for i, w in enumerate(["To be", "or not", "to be:", "that is", "the question"] * 12))
@@ -166,7 +165,7 @@ def test_calibrate_holds_out_the_corpus_head_and_folds_a_fitted_temperature(corp
 
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", "--data", str(tmp_path / "none.txt")],
+    proc = subprocess.run([sys.executable, "-m", "rnnserve.trainer.train", "--data", str(tmp_path / "none.txt")],
                           check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "rnn-train: error: corpus" in proc.stderr and "Traceback" not in proc.stderr
@@ -174,7 +173,7 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 
 def test_sigterm_saves_a_resumable_checkpoint(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", "--data", str(corpus), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "rnnserve.trainer.train", "--data", str(corpus), "--out", str(out),
                              *TINY, "--steps", "100000", "--eval-every", "100000", "--log-every", "1"],
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until it is training

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint
-from trainer.cells import CELL_KINDS
-from trainer.model import INIT_MODES
+from . import checkpoint
+from .cells import CELL_KINDS
+from .model import INIT_MODES
 
 # Flags that shape the model, the data or the optimisation: fixed by the checkpoint on --resume.
 FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "weight_drop", "shift_epochs",

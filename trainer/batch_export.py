@@ -1,10 +1,10 @@
-"""rnn-export batch / rnn-export list: many checkpoints into one repository, and its index.
+"""rnn-export batch: many checkpoints into one repository.
 
 batch: every checkpoint gets every check of the single export; one whose weights, config and vocab
 (its content hash, recorded in model.json `source`; the same checkpoint file by the same exporter
 short-cuts that without unpickling) are already published under its name is skipped, so a rerun is
 cheap and idempotent. Failures are reported and the others still run; exit 1 if any
-failed. Versions are published by atomic rename (see trainer.export), so a kill leaves only `.tmp-*`
+failed. Versions are published by atomic rename (see trainer.publish), so a kill leaves only `.tmp-*`
 folders that no reader accepts and the next export cleans up.
 """
 from __future__ import annotations
@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.export import (
+from ..server.contract import (
+    META_FILE,
+    ONNX_FILES,
     ModelFormatError,
-    _check_meta,
-    default_name,
+    check_version,
     sha256_file,
-    verify_version_dir,
     version_numbers,
 )
+from .export import default_name
+from .listing import human_size
 
 STATUSES = ("ok", "skipped", "failed")
 PARITY_KEYS = ("step", "sequence_vs_step", "sequence_vs_torch")  # model.json "checks": max abs differences
@@ -72,10 +74,10 @@ def _result(ckpt: str, name: str | None, **kw: Any) -> dict[str, Any]:
 
 def _fill(row: dict[str, Any], path: Path) -> None:
     """Copy version, val_loss, parity error and file sizes from a published folder into a report row."""
-    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     row.update(path=str(path), version=meta["version"], val_loss=meta["metrics"].get("val_loss"),
                parity=max((v for k, v in meta.get("checks", {}).items() if k in PARITY_KEYS), default=None),
-               sizes={f: (path / f).stat().st_size for f in ("model.onnx", "sequence.onnx")})
+               sizes={f: (path / f).stat().st_size for f in ONNX_FILES})
 
 
 _INDEX: dict[Path, dict[int, dict[str, Any]]] = {}  # per process: name folder -> version -> its "source"
@@ -87,7 +89,7 @@ def _sources(name_dir: Path) -> dict[int, dict[str, Any]]:
     for v in version_numbers(name_dir):
         if v not in seen:
             try:
-                seen[v] = json.loads((name_dir / str(v) / "model.json").read_text(encoding="utf-8"))["source"]
+                seen[v] = json.loads((name_dir / str(v) / META_FILE).read_text(encoding="utf-8"))["source"]
             except (OSError, ValueError, KeyError, TypeError):
                 seen[v] = {}  # damaged: never "already there"
     return {v: seen[v] for v in sorted(seen, reverse=True)}
@@ -104,11 +106,9 @@ def find_unchanged(name_dir: Path, eval_sha: str | None, content: str | None = N
             continue
         d = name_dir / str(v)
         try:
-            meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
-            _check_meta(meta, d / "model.json", d)
-            if meta["source"] == src and all(sha256_file(d / f) == meta["files"][f] for f in ("model.onnx", "sequence.onnx")):
+            if check_version(d).source == src:  # schema and checksums, as the server checks them
                 return d
-        except (OSError, ValueError):
+        except ModelFormatError:
             continue  # a damaged version is never "already there"
     return None
 
@@ -116,9 +116,9 @@ def find_unchanged(name_dir: Path, eval_sha: str | None, content: str | None = N
 def export_one(ckpt: str, repo: str, name: str | None, eval_text: str | None, eval_sha: str | None,
                force: bool) -> dict[str, Any]:
     """Export (or skip) one checkpoint; never raises: the report row says what happened."""
-    from trainer import checkpoint
-    from trainer import onnx_graph as og
-    from trainer.export import export_model
+    from . import checkpoint
+    from . import onnx_graph as og
+    from .export import export_model  # torch: imported in the worker, not by `rnn-export batch -h`
 
     t0 = time.perf_counter()
     row = _result(ckpt, name)
@@ -164,7 +164,7 @@ def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
     paths, rows = expand(list(args.checkpoints))
     eval_text = eval_sha = None
     if args.eval_corpus:
-        from trainer.data import load_text
+        from .data import load_text
 
         eval_text = load_text(args.eval_corpus)
         eval_sha = sha256_file(args.eval_corpus)
@@ -188,10 +188,6 @@ def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
     return rows + [results[i] for i in range(len(paths))]
 
 
-def _size(n: int) -> str:
-    return f"{n / 1024:.1f}K" if n < 1 << 20 else f"{n / (1 << 20):.1f}M"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """The summary table printed after a batch."""
     lines = [f"{'STATUS':8} {'NAME':20} {'VER':>4} {'VAL_LOSS':>8} {'PARITY':>8} {'SIZE':>8} {'SECS':>6}  CHECKPOINT"]
@@ -200,7 +196,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['status']:8} {r['name'] or '-'!s:20} {r['version'] or '-':>4} "
                      f"{'-' if r['val_loss'] is None else format(r['val_loss'], '.4f'):>8} "
                      f"{'-' if r['parity'] is None else format(r['parity'], '.1e'):>8} "
-                     f"{_size(size) if size else '-':>8} {r['seconds']:6.2f}  {r['checkpoint']}")
+                     f"{human_size(size) if size else '-':>8} {r['seconds']:6.2f}  {r['checkpoint']}")
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines)
@@ -265,60 +261,3 @@ def main_batch(argv: list[str]) -> int:
     if args.report:
         write_report(args.report, rows, args, seconds)
     return 1 if any(r["status"] == "failed" for r in rows) else 0
-
-
-def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
-    """Every version in a repository with its status; `default` marks the newest usable version per model."""
-    repo = Path(repo)
-    out: list[dict[str, Any]] = []
-    for name_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows = []
-        for v in version_numbers(name_dir):
-            d = name_dir / str(v)
-            row: dict[str, Any] = {"model": name_dir.name, "version": v, "cell": None, "hidden_size": None,
-                                   "layers": None, "val_loss": None, "size": 0, "default": False, "status": "ok"}
-            try:
-                if verify:
-                    meta = verify_version_dir(d)
-                else:
-                    meta = json.loads((d / "model.json").read_text(encoding="utf-8"))
-                    _check_meta(meta, d / "model.json", d)
-                    for f in ("model.onnx", "sequence.onnx"):
-                        if sha256_file(d / f) != meta["files"][f]:
-                            raise ModelFormatError(f"{d / f}: sha256 does not match model.json")
-                row.update(cell=meta["cell"], hidden_size=meta["hidden_size"], layers=meta["layers"],
-                           val_loss=meta["metrics"].get("val_loss"),
-                           size=sum((d / f).stat().st_size for f in ("model.onnx", "sequence.onnx")))
-            except (OSError, ValueError) as e:
-                row["status"] = f"broken: {e}"
-            rows.append(row)
-        usable = [r for r in rows if r["status"] == "ok"]
-        if usable:
-            usable[-1]["default"] = True
-        out += rows
-    return out
-
-
-def main_list(argv: list[str]) -> int:
-    """`rnn-export list REPO`: models, versions, cell types, val loss and the default (latest usable) version."""
-    p = argparse.ArgumentParser(prog="rnn-export list", description="Index of a model repository.")
-    p.add_argument("repo", help="model repository folder")
-    p.add_argument("--verify", action="store_true", help="also load every version in onnxruntime")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    a = p.parse_args(argv)
-    if not Path(a.repo).is_dir():
-        print(f"rnn-export list: error: repository {a.repo} does not exist or is not a folder", file=sys.stderr)
-        return 1
-    rows = scan(a.repo, a.verify)
-    if a.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print(f"{'MODEL':24} {'VER':>4} {'CELL':6} {'HIDDEN':>6} {'LAYERS':>6} {'VAL_LOSS':>8} {'SIZE':>8}  DEFAULT  STATUS")
-    for r in rows:
-        vl = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
-        print(f"{r['model']:24} {r['version']:>4} {r['cell'] or '-':6} {r['hidden_size'] or '-':>6} "
-              f"{r['layers'] or '-':>6} {vl:>8} {_size(r['size']) if r['size'] else '-':>8}  "
-              f"{'*' if r['default'] else '':7}  {r['status']}")
-    if not rows:
-        print(f"(no versions in {a.repo})")
-    return 0

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from trainer import fused
-from trainer.gemm import linear, linear_add, linear_sigmoid, pack, project
+from . import fused
+from .gemm import linear, linear_add, linear_sigmoid, pack, project
 
 CELL_KINDS = ("elman", "gru", "lstm")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trainer.model import ModelConfig, RNNModel
+from .model import ModelConfig, RNNModel
 
 FORMAT = "rnnserve-checkpoint/1"
 

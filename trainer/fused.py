@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from trainer.gemm import linear, linear_sigmoid
+from .gemm import linear, linear_sigmoid
 
 log = logging.getLogger(__name__)
 

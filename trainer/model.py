@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from trainer.cells import CELL_KINDS, Cell, make_cell
+from .cells import CELL_KINDS, Cell, make_cell
 
 INIT_MODES = ("zeros", "learned")
 

@@ -19,11 +19,10 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.export import ExportError
-from trainer.model import RNNModel
+from ..server.contract import IR_VERSION, OPSET
+from .model import RNNModel
+from .publish import ExportError
 
-OPSET = 17
-IR_VERSION = 8
 FORMAT = "rnnserve-onnx/1"
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.model import RNNModel
+from .model import RNNModel
 
 
 def sequence_loss(logits: Tensor, targets: Tensor) -> Tensor:

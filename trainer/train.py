@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer import checkpoint
-from trainer.args import TrainArgs, TrainError, parse_args
-from trainer.data import CorpusError, StreamBatches, Vocab, load_text, split
-from trainer.model import ModelConfig, RNNModel
-from trainer.report import (
+from . import checkpoint
+from .args import TrainArgs, TrainError, parse_args
+from .data import CorpusError, StreamBatches, Vocab, load_text, split
+from .model import ModelConfig, RNNModel
+from .report import (
     append_row,
     evaluate,
     fit_temperature,

@@ -2,11 +2,8 @@
 
 Served on the same port as the native protocol, with Triton's sequence extension: request
 parameters `sequence_id` (int64 or string), `sequence_start`, `sequence_end`. A sequence is an
-engine session like any other. Messages come from a private descriptor pool (server.kserve_proto),
+engine session like any other. Messages come from a private descriptor pool (descriptors.py),
 so this module never clashes with tritonclient's stubs in one process.
-
-rnn-serve registers it (server.main.extra_servicers -> register); an App built by hand takes
-`App(settings, extra=[server.kserve.register])`.
 """
 from __future__ import annotations
 
@@ -17,12 +14,13 @@ from typing import Any
 
 import grpc
 
-from server.engine import Engine
-from server.errors import NotFound, ServeError
-from server.kserve_codec import ProtocolError, fill_response, read_sequence, read_tokens, requested_outputs
-from server.kserve_models import fill_config, fill_metadata, parse_version
-from server.kserve_proto import SERVICE, messages
-from server.kserve_sequences import Sequences, Step
+from ..engine import Engine
+from ..errors import NotFound, ServeError
+from ..settings import Settings
+from .codec import fill_response, read_sequence, read_tokens, requested_outputs
+from .config import fill_config, fill_metadata, parse_version
+from .descriptors import SERVICE, messages
+from .sequences import Sequences, Step
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +37,17 @@ SESSION_ID = "rnnserve_session_id"
 class KServeServicer:
     """Handlers of GRPCInferenceService; every inference goes through the engine (batcher, sessions)."""
 
-    def __init__(self, engine: Engine, metrics: Any = None) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Any = None) -> None:
         self.engine = engine
-        self.metrics = metrics if metrics is not None else getattr(engine, "metrics", None)
+        self.settings = settings
+        self.metrics = metrics
         self.pb = messages()
         self.sequences = Sequences(engine)
 
-    # -- errors ---------------------------------------------------------------------------------------
     def _count(self, code: grpc.StatusCode) -> None:
+        """Count an error answered inside a stream (the ErrorInterceptor counts the calls' own statuses)."""
         if self.metrics is not None:
             self.metrics.error(code.name)
-
-    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        self._count(code)
-        await context.abort(code, message)
 
     # -- health and metadata --------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -65,47 +60,39 @@ class KServeServicer:
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Whether that model (version) is loaded; a malformed version is INVALID_ARGUMENT."""
+        version = parse_version(request.version)
         try:
-            version = parse_version(request.version)
             self.engine.model(request.name, version)
-            ready = not self.engine.draining
+            ready = self.engine.accepting
         except NotFound:
             ready = False
-        except ServeError as e:
-            await self._abort(context, e.code, e.message)
         return self.pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Name, version and extensions (`sequence` among them)."""
         return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
-    def _versions(self, name: str) -> list[int]:
-        return [mv.version for mv, _ in self.engine.list_models() if mv.name == name]
-
-    async def _requested_model(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The model version a metadata/config request names; aborts with the engine's status if none."""
-        try:
-            return self.engine.model(request.name, parse_version(request.version))
-        except ServeError as e:
-            await self._abort(context, e.code, e.message)
+    def _requested_model(self, request: Any) -> Any:
+        """The model version a metadata/config request names (NOT_FOUND / INVALID_ARGUMENT otherwise)."""
+        return self.engine.model(request.name, parse_version(request.version))
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Versions, platform, inputs and outputs of a model."""
-        mv = await self._requested_model(request, context)
+        mv = self._requested_model(request)
         resp = self.pb.ModelMetadataResponse()
-        fill_metadata(resp, mv, self._versions(mv.name))
+        fill_metadata(resp, mv, self.engine.versions(mv.name))
         return resp
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's model configuration, with `sequence_batching` set: the model is stateful."""
-        mv = await self._requested_model(request, context)
+        mv = self._requested_model(request)
         resp = self.pb.ModelConfigResponse()
-        fill_config(resp.config, mv, self._versions(mv.name), self.engine.settings, self.pb)
+        fill_config(resp.config, mv, self.engine.versions(mv.name), self.settings, self.pb)
         return resp
 
     # -- inference ------------------------------------------------------------------------------------
     async def _infer(self, req: Any, resp: Any) -> Any:
-        """Answer one request into resp (a ModelInferResponse); raises ServeError / ProtocolError."""
+        """Answer one request into resp (a ModelInferResponse); raises ServeError."""
         seq = read_sequence(req)
         outputs = requested_outputs(req)
         version = parse_version(req.model_version)
@@ -135,10 +122,8 @@ class KServeServicer:
         """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
         work = asyncio.ensure_future(self._infer(request, self.pb.ModelInferResponse()))
         work.add_done_callback(_retrieve)
-        try:  # shielded: a client that goes away does not cut a sequence's step (an END still closes)
-            return await asyncio.shield(work)
-        except (ServeError, ProtocolError) as e:
-            await self._abort(context, e.code, e.message)
+        # shielded: a client that goes away does not cut a sequence's step (an END still closes)
+        return await asyncio.shield(work)
 
     async def _stream_one(self, req: Any) -> Any:
         """One stream request -> ModelStreamInferResponse; an error goes into error_message."""
@@ -146,7 +131,7 @@ class KServeServicer:
         try:
             await self._infer(req, resp.infer_response)  # filled in place: no copy
             return resp
-        except (ServeError, ProtocolError) as e:
+        except ServeError as e:
             self._count(e.code)
             text = f"{e.code.name}: {e.message}"
         except asyncio.CancelledError:
@@ -206,10 +191,3 @@ def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
         methods[name] = make(getattr(servicer, name), request_deserializer=req_cls.FromString,
                              response_serializer=resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
-
-
-def register(server: grpc.aio.Server, engine: Engine) -> list[str]:
-    """server.app Registrar: add GRPCInferenceService to a grpc.aio server; returns its service name."""
-    server.add_generic_rpc_handlers((handler(KServeServicer(engine)),))
-    return [SERVICE]
-

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.engine import Engine
-from server.errors import InvalidArgument, NotFound
-from server.kserve_codec import Sequence
-from server.repository import ModelVersion
+from ..engine import Engine
+from ..errors import InvalidArgument, NotFound
+from ..repository import ModelVersion
+from .codec import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,8 @@ class Sequences:
 
     def _sweep(self) -> None:
         """Drop entries whose session the engine expired under us (amortized: runs when the table doubles)."""
-        alive = self.engine.table.live
         for key, sid in list(self.live.items()):
-            if sid not in alive:
+            if not self.engine.has_session(sid):
                 try:
                     self.engine.session_model(sid)
                 except NotFound as e:

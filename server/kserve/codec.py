@@ -9,26 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
+
+from ..errors import InvalidArgument
 
 INPUT = "tokens"
 OUTPUTS = ("logits", "state")
 DEFAULT_OUTPUTS = ("logits",)  # `state` only when requested
 
 
-class ProtocolError(Exception):
-    """A request the protocol layer refuses, with the gRPC status code it deserves."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> ProtocolError:
+def invalid(message: str) -> InvalidArgument:
     """An INVALID_ARGUMENT error."""
-    return ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return InvalidArgument(message)
 
 
 @dataclass(frozen=True)
@@ -127,8 +119,7 @@ def fill_response(response: Any, names: tuple[str, ...], logits: np.ndarray,
             data = logits  # (T, V)
             shape = (1, *logits.shape)
         else:
-            if state is None:
-                raise ProtocolError(grpc.StatusCode.INTERNAL, "state output missing")
+            assert state is not None, "the state output was asked for but not computed"
             data = state  # (S,)
             shape = (1, state.shape[0])
         out = response.outputs.add()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from server.errors import InvalidArgument
-from server.repository import ModelVersion
-from server.settings import Settings
+from ..errors import InvalidArgument
+from ..repository import ModelVersion
+from ..settings import Settings
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -77,11 +77,11 @@ def fill_config(cfg: Any, mv: ModelVersion, versions: list[int], settings: Setti
     st.dims.extend([mv.state_size])
     meta = mv.meta
     params = {
-        "cell": str(meta.get("cell", "")),
+        "cell": meta.cell,
         "vocab": json.dumps(mv.vocab),
         "state_size": str(mv.state_size),
-        "hidden_size": str(meta.get("hidden_size", "")),
-        "layers": str(meta.get("layers", "")),
+        "hidden_size": str(meta.hidden_size),
+        "layers": str(meta.layers),
         "version": str(mv.version),
         "loaded_versions": ",".join(str(v) for v in versions),
         "idle_timeout_s": f"{settings.idle_timeout:g}",

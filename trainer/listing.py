@@ -1,0 +1,77 @@
+"""rnn-export list: the index of a model repository, judged by the same contract checks the server makes.
+
+A version is usable when its model.json passes the schema and its files their checksums (and, with
+--verify, load and step in onnxruntime); the default of a model is its newest usable version, which
+is the one `rnn-serve` serves to new sessions (rnnserve.server.contract).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..server.contract import (
+    ONNX_FILES,
+    ModelFormatError,
+    check_version,
+    model_names,
+    verify_version_dir,
+    version_numbers,
+)
+
+
+def human_size(n: int) -> str:
+    """Bytes as K or M, for the tables."""
+    return f"{n / 1024:.1f}K" if n < 1 << 20 else f"{n / (1 << 20):.1f}M"
+
+
+def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
+    """Every version in a repository with its status; `default` marks the newest usable version per model."""
+    repo = Path(repo)
+    out: list[dict[str, Any]] = []
+    for name_dir in (repo / n for n in model_names(repo)):
+        rows = []
+        for v in version_numbers(name_dir):
+            d = name_dir / str(v)
+            row: dict[str, Any] = {"model": name_dir.name, "version": v, "cell": None, "hidden_size": None,
+                                   "layers": None, "val_loss": None, "size": 0, "default": False, "status": "ok"}
+            try:
+                meta = verify_version_dir(d) if verify else check_version(d)
+                row.update(cell=meta.cell, hidden_size=meta.hidden_size, layers=meta.layers,
+                           val_loss=meta.metrics.get("val_loss"),
+                           size=sum((d / f).stat().st_size for f in ONNX_FILES))
+            except (OSError, ModelFormatError) as e:
+                row["status"] = f"broken: {e}"
+            rows.append(row)
+        usable = [r for r in rows if r["status"] == "ok"]
+        if usable:
+            usable[-1]["default"] = True
+        out += rows
+    return out
+
+
+def main_list(argv: list[str]) -> int:
+    """`rnn-export list REPO`: models, versions, cell types, val loss and the default (latest usable) version."""
+    p = argparse.ArgumentParser(prog="rnn-export list", description="Index of a model repository.")
+    p.add_argument("repo", help="model repository folder")
+    p.add_argument("--verify", action="store_true", help="also load every version in onnxruntime")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    if not Path(a.repo).is_dir():
+        print(f"rnn-export list: error: repository {a.repo} does not exist or is not a folder", file=sys.stderr)
+        return 1
+    rows = scan(a.repo, a.verify)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'MODEL':24} {'VER':>4} {'CELL':6} {'HIDDEN':>6} {'LAYERS':>6} {'VAL_LOSS':>8} {'SIZE':>8}  DEFAULT  STATUS")
+    for r in rows:
+        vl = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        print(f"{r['model']:24} {r['version']:>4} {r['cell'] or '-':6} {r['hidden_size'] or '-':>6} "
+              f"{r['layers'] or '-':>6} {vl:>8} {human_size(r['size']) if r['size'] else '-':>8}  "
+              f"{'*' if r['default'] else '':7}  {r['status']}")
+    if not rows:
+        print(f"(no versions in {a.repo})")
+    return 0
