@@ -349,3 +349,27 @@ def test_versions_are_visible_and_a_sequence_keeps_its_version(tiny_repo: Path, 
         assert "INVALID_ARGUMENT" in status_of(e.value) and "runs on version 1" in e.value.message()
     finally:
         s.close()
+
+
+def test_reflection_describes_both_services(served) -> None:
+    """grpc reflection (what grpcurl uses) describes every method of both protocols, types included,
+    though the KServe descriptors live in a private pool."""
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(served.url) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"inference.GRPCInferenceService", "rnnserve.v1.RnnServe", "grpc.health.v1.Health"} <= services
+        pool = descriptor_pool.DescriptorPool(db)
+        ours = {"inference.GRPCInferenceService": kserve_proto.messages().pool,
+                "rnnserve.v1.RnnServe": descriptor_pool.Default()}
+        for name, local in ours.items():
+            described, known = pool.FindServiceByName(name), local.FindServiceByName(name)
+            assert [m.name for m in described.methods] == [m.name for m in known.methods]
+            for m in described.methods:
+                k = known.methods_by_name[m.name]
+                for got, want in ((m.input_type, k.input_type), (m.output_type, k.output_type)):
+                    assert got.full_name == want.full_name
+                    assert [f.name for f in got.fields] == [f.name for f in want.fields], got.full_name
+        infer = pool.FindMessageTypeByName("inference.ModelInferRequest")
+        assert "parameters" in infer.fields_by_name and "raw_input_contents" in infer.fields_by_name

@@ -464,3 +464,35 @@ def test_serve_versions_latest_n_or_all_in_list_models_and_kserve_metadata(tmp_p
             assert (await opened(stub, "live")).model.version == 4
 
     asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- 7. one contract, one verdict
+def test_rnn_export_list_and_the_server_agree_on_usable_versions_and_the_default(tmp_path: Path,
+                                                                                    three: Path) -> None:
+    """Versions the contract refuses (a forged checksum, a model.json the old server took with 7 keys)
+    are broken for `rnn-export list` and skipped by the server; both name the same default."""
+    from rnnserve.trainer.listing import scan
+
+    repo = tmp_path / "repo"
+    copy_version(three / "live" / "1", repo / "live" / "1", 1)
+    forged = copy_version(three / "live" / "2", repo / "live" / "2", 2)
+    meta = json.loads((forged / "model.json").read_text())
+    meta["files"]["sequence.onnx"] = "0" * 64  # a checksum that no file has
+    (forged / "model.json").write_text(json.dumps(meta))
+    short = copy_version(three / "live" / "2", repo / "live" / "3", 3)
+    meta = json.loads((short / "model.json").read_text())
+    for key in ("layers", "embed_size", "opset"):  # the server's old check passed this, the exporter's did not
+        del meta[key]
+    (short / "model.json").write_text(json.dumps(meta))
+
+    rows = {r["version"]: r for r in scan(repo)}
+    assert rows[2]["status"].startswith("broken") and "sha256" in rows[2]["status"], rows[2]
+    assert rows[3]["status"].startswith("broken") and "lacks layers, embed_size, opset" in rows[3]["status"]
+    assert [v for v, r in rows.items() if r["default"]] == [1]
+
+    async def main() -> None:
+        async with serving(repo, "--serve-versions", "all") as (app, ch, stub):
+            assert await listed(stub) == {("live", 1): True}  # 2 and 3 refused: 1 is the default
+            assert sorted(p.name for p in app.engine.repo.failed) == ["2", "3"]
+
+    asyncio.run(main())
