@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench protos lint clean-venv
+.PHONY: serve test fuzz bench protos lint clean-venv
 
 $(STAMP): pyproject.toml scripts/install.sh
 	EDITABLE=1 scripts/install.sh $(VENV) train,dev
@@ -14,6 +14,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The long fuzz and abuse campaign (a bounded version runs in `make test`).
+fuzz: $(STAMP)
+	RNNSERVE_FUZZ=long $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) bench/train_bench.py

@@ -71,7 +71,7 @@ class App:
         s = self.settings
         await self.engine.start()
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", max(s.max_message_bytes, 64 * 1024 * 1024)),
+                ("grpc.max_send_message_length", s.max_send_bytes),
                 ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics.error)])
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)

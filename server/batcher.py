@@ -4,7 +4,9 @@ One Batcher per model version. Each iteration it takes the pending single steps 
 and every generating row (at most one step per session), runs ONE model.onnx call in its own thread,
 scatters states and logits back into the version's StatePool, samples the next token of all
 generating rows at once, and wakes a handler only when a chunk is ready. Multi-token feeds run on
-sequence.onnx in the same thread call, feeds of equal length stacked into one batch.
+sequence.onnx in the same thread call, a slice of each per iteration (feeds.py), so a long feed delays
+others by one slice at most. A row whose step yields NaN or infinity is not written back: its session
+keeps its state and gets FAILED_PRECONDITION, the rest of the batch carries on (one log line per version).
 """
 from __future__ import annotations
 
@@ -12,89 +14,26 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
+from .errors import FailedPrecondition, NotFound, Unavailable
+from .feeds import LongFeeds
 from .repository import ModelVersion
 from .sampling import sample
 from .sampling import top_k as top_k_of
 from .sessions import Session, SessionTable, StatePool
+from .work import Chunk, FeedJob, GenRow, Plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class FeedJob:
-    """Tokens to push through one session; the future gets logits (n, V) or (1, V) or None."""
-
-    session: Session
-    tokens: np.ndarray  # (n,) int64
-    want: str  # "none" | "last" | "all"
-    future: asyncio.Future  # result: (logits or None, (top ids, top probs) or None)
-    top_k: int = 0
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of generated output handed to the handler."""
-
-    tokens: list[int]
-    text: str
-    done: bool = False
-    reason: str = ""  # "length" | "stop" | "cancelled" when done
-    steps: int = 0  # tokens the session will have consumed once this chunk's tokens are stepped
-
-
-@dataclass(eq=False)
-class GenRow:
-    """A generating session: a row that stays in the batch every iteration until it finishes."""
-
-    session: Session
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    rng: np.random.Generator
-    stops: tuple[str, ...]
-    chunk_tokens: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    token: int = -1  # sampled, to be stepped next
-    produced: int = 0
-    final: str = ""  # finish reason once the last token is sampled
-    buf: list[int] = field(default_factory=list)
-    tail: str = ""
-    maxstop: int = 0  # longest stop string
-    emitted: bool = False  # a chunk went out already
-    cancelled: bool = False
-    uniforms: list[float] = field(default_factory=list)  # drawn ahead from rng, next one last
-
-    def uniform(self) -> float:
-        """The next uniform of this row's stream: the same numbers as rng.random() one by one, drawn in
-        blocks (one numpy call per 64 tokens instead of one per token)."""
-        if not self.uniforms:
-            self.uniforms = self.rng.random(min(64, max(1, self.max_tokens - self.produced))).tolist()[::-1]
-        return self.uniforms.pop()
-
-
-@dataclass(eq=False)
-class Plan:
-    """One iteration's work, as _schedule picked it: what _execute runs and _update writes back."""
-
-    feeds1: list[FeedJob]  # single-token feeds, stepped with the generating rows
-    rows: list[GenRow]  # generating rows, one token each
-    seqs: list[FeedJob]  # multi-token feeds
-    step_rows: np.ndarray  # (B,) pool rows of feeds1 then rows
-    step_tok: np.ndarray  # (B,) int64
-    step_state: np.ndarray | None  # (B, S)
-    seq_in: list[tuple[list[FeedJob], np.ndarray, np.ndarray]]  # per feed length: jobs, (G, T), (G, S)
 
 
 class Batcher:
     """Gathers the steps of all sessions of one model version into single onnxruntime calls."""
 
     def __init__(self, model: ModelVersion, pool: StatePool, table: SessionTable, max_batch: int,
-                 max_wait_s: float, metrics=None, inline_rows: int = 0) -> None:
+                 max_wait_s: float, metrics=None, inline_rows: int = 0, slice_s: float = 0.002) -> None:
         self.model = model
         self.inline_rows = inline_rows  # step batches this small run on the loop thread (no thread hop)
         self.pool = pool
@@ -102,7 +41,11 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.metrics = metrics
-        self._feeds: list[FeedJob] = []
+        self._feeds: list[FeedJob] = []  # single-token feeds, stepped with the generating rows
+        self.long = LongFeeds(pool, table, slice_s, self._settled)  # multi-token feeds, run in slices
+        self.inflight_tokens = 0  # tokens of the feeds queued or running here (--max-inflight-tokens)
+        self._run_options = ort.RunOptions()  # its terminate flag cuts a running call at shutdown
+        self._nonfinite_seen = False
         self._new_rows: list[GenRow] = []
         self._rows: dict[GenRow, None] = {}  # insertion-ordered set of generating rows
         self._inflight: set[GenRow] = set()
@@ -127,11 +70,14 @@ class Batcher:
         for job in self._feeds:
             if not job.future.done():
                 job.future.cancel()
+        self.long.fail_all(Unavailable("the server stopped before this feed could finish; the session is as "
+                                       "it was before it"))
+        self._run_options.terminate = True  # a call still running in the thread ends now
         self._exec.shutdown(wait=False)
 
     def stats(self) -> dict:
         """What the batcher is doing now: generating rows, queued feeds, size of the last batch."""
-        return {"generating": len(self._rows) + len(self._new_rows), "queued_feeds": len(self._feeds),
+        return {"generating": len(self._rows) + len(self._new_rows), "queued_feeds": len(self._feeds) + len(self.long),
                 "last_batch": self.last_batch, "batches": self.batches}
 
     # -- submissions (event loop thread) -----------------------------------------------------------
@@ -140,9 +86,18 @@ class Batcher:
 
         The future gets (logits, top): logits per `want`, top = (ids, probs) (n, top_k) when top_k > 0."""
         fut = asyncio.get_running_loop().create_future()
-        self._feeds.append(FeedJob(session, tokens, want, fut, top_k if want != "none" else 0))
+        job = FeedJob(session, tokens, want, fut, top_k if want != "none" else 0)
+        if len(tokens) == 1:
+            self._feeds.append(job)
+        else:
+            self.long.add(job)
+        self.inflight_tokens += len(tokens)
         self._wake.set()
         return fut
+
+    def _settled(self, n: int) -> None:
+        """A feed of n tokens is done with (answered, failed or cut)."""
+        self.inflight_tokens -= n
 
     def generate(self, row: GenRow) -> None:
         """Add a generating row; its first token is sampled from the session's last logits."""
@@ -166,15 +121,17 @@ class Batcher:
         self._finish(row, reason)
 
     def cut_all(self) -> None:
-        """Shutdown: end every generation now with reason 'cancelled'."""
+        """Shutdown: end every generation now with reason 'cancelled'; long feeds still queued fail."""
         for row in list(self._new_rows) + list(self._rows):
             self._finish(row, "cancelled")
+        self.long.fail_all(Unavailable("the server is shutting down: this feed was cut before its end and the "
+                                       "session is as it was before it"))
 
     # -- the loop ------------------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not (self._feeds or self._rows or self._new_rows):
+            if not (self._feeds or self.long or self._rows or self._new_rows):
                 self._wake.clear()
                 await self._wake.wait()
             if self.max_wait_s > 0 and not self._rows and len(self._feeds) < self.max_batch:
@@ -221,15 +178,17 @@ class Batcher:
         plan = self._schedule()
         if plan is None:
             return
-        t0 = time.perf_counter()
-        out_step, out_seq = await self._execute(plan, loop)
-        self._update(plan, out_step, out_seq, time.perf_counter() - t0)
+        # steps first, answered before the long feeds' slices run: a ping-pong client waits for one slice
+        for part in plan.split():
+            t0 = time.perf_counter()
+            out_step, out_seq = await self._execute(part, loop)
+            self._update(part, out_step, out_seq, time.perf_counter() - t0)
 
     def _schedule(self) -> Plan | None:
-        """Pick this iteration's work: single steps and generating rows up to max_batch, and every
-        multi-token feed (grouped by length); gather their states."""
+        """Pick this iteration's work: single steps, then generating rows, then slices of long feeds, all
+        within max_batch rows; gather their states."""
         room = self.max_batch
-        feeds1 = [j for j in self._feeds if len(j.tokens) == 1][:room]
+        feeds1, self._feeds = self._feeds[:room], self._feeds[room:]
         room -= len(feeds1)
         rows = list(self._rows)
         if len(rows) > room:  # more generating rows than fit: rotate for fairness
@@ -237,25 +196,20 @@ class Batcher:
                 self._rows.pop(r)
                 self._rows[r] = None
             rows = rows[:room]
-        taken1 = set(map(id, feeds1))
-        seqs = [j for j in self._feeds if len(j.tokens) > 1]
-        self._feeds = [j for j in self._feeds if id(j) not in taken1 and len(j.tokens) == 1]
-        if not (feeds1 or rows or seqs):
+        room -= len(rows)
+        self.long.drop_closed(lambda j: NotFound(f"session {j.session.id} was closed during its feed"))
+        seq_in = self.long.pick(room)
+        if not (feeds1 or rows or seq_in):
             return None
         pool = self.pool
         step_rows = np.array([j.session.row for j in feeds1] + [r.session.row for r in rows], np.int64)
         step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
         step_state = pool.states[step_rows] if len(step_rows) else None  # (B, S)
-        groups: dict[int, list[FeedJob]] = {}
-        for j in seqs:
-            groups.setdefault(len(j.tokens), []).append(j)
-        seq_in = [(g, np.stack([j.tokens for j in g]), pool.states[[j.session.row for j in g]])
-                  for g in groups.values()]  # (G, T), (G, S)
-        return Plan(feeds1, rows, seqs, step_rows, step_tok, step_state, seq_in)
+        return Plan(feeds1, rows, [j for g, _, _ in seq_in for j in g], step_rows, step_tok, step_state, seq_in)
 
     async def _execute(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> tuple:
         """Run the plan in onnxruntime (on the loop for small feed-only batches, else in the ort thread);
-        on failure every job of the plan fails and its session is released."""
+        on failure every job of the plan fails and its session is released (long feeds put back)."""
         rows = plan.rows
         self._inflight.update(rows)
         try:
@@ -267,10 +221,10 @@ class Batcher:
                                               plan.seq_in, bool(rows))
         except Exception as e:
             self._inflight.difference_update(rows)
-            for j in plan.feeds1 + plan.seqs:
-                self.table.finish_op(j.session)
-                if not j.future.done():
-                    j.future.set_exception(e)
+            for j in plan.feeds1:
+                self._fail_feed(j, e)
+            for j in plan.seqs:
+                self.long.fail(j, e)
             for r in rows:
                 if r.cancelled:
                     self.table.finish_op(r.session)
@@ -281,59 +235,107 @@ class Batcher:
             self._inflight.difference_update(rows)
 
     def _update(self, plan: Plan, out_step, out_seq, dt: float) -> None:
-        """Write states and logits back into the pool, answer the feeds, advance the generating rows."""
-        feeds1, rows, seqs, step_rows = plan.feeds1, plan.rows, plan.seqs, plan.step_rows
+        """Write finite states and logits back into the pool, answer the feeds, advance the generating rows."""
+        feeds1, rows, step_rows = plan.feeds1, plan.rows, plan.step_rows
         pool = self.pool
         self.last_batch = len(step_rows)
         self.batches += 1
         if self.metrics is not None:
             self.metrics.observe_batch(self.model.key, len(step_rows), dt,
-                                       len(step_rows) + sum(len(j.tokens) for j in seqs), len(rows))
+                                       len(step_rows) + sum(t.size for _, t, _ in plan.seq_in), len(rows))
         if out_step is not None:
             logits, state = out_step  # (B, V), (B, S)
-            pool.states[step_rows] = state
-            pool.logits[step_rows] = logits
-            pool.has_logits[step_rows] = True
-            tops = [i for i, j in enumerate(feeds1) if j.top_k]
+            bad = self._nonfinite(logits, state)  # (B,)
+            ok = step_rows if not bad.any() else step_rows[~bad]
+            pool.states[ok] = state if not bad.any() else state[~bad]
+            pool.logits[ok] = logits if not bad.any() else logits[~bad]
+            pool.has_logits[ok] = True
+            tops = [i for i, j in enumerate(feeds1) if j.top_k and not bad[i]]
             if tops:  # top-k of every feed that asked, in one vectorized call
                 ids, probs = top_k_of(logits[tops], np.array([feeds1[i].top_k for i in tops]))  # (m, K)
                 tops = dict(zip(tops, zip(ids[:, None], probs[:, None])))
             for i, j in enumerate(feeds1):
-                self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
-        for (g, _, _), (logits, state) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
-            gr = [j.session.row for j in g]
-            pool.states[gr] = state
-            pool.logits[gr] = logits[:, -1]
-            pool.has_logits[gr] = True
-            for i, j in enumerate(g):
-                lg = logits[i] if j.want == "all" else logits[i, -1:]  # (n, V) or (1, V)
-                self._done_feed(j, logits[i], top_k_of(lg, j.top_k) if j.top_k else None)
-        if rows:
-            self._advance(rows, logits_rows=out_step[0][len(feeds1):])
+                if bad[i]:
+                    self._fail_feed(j, self._poisoned(j.session))
+                else:
+                    self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
+            if rows:
+                n1 = len(feeds1)
+                for i in np.nonzero(bad[n1:])[0]:
+                    self._fail_row(rows[i], self._poisoned(rows[i].session))
+                good = [i for i in range(len(rows)) if not bad[n1 + i]]
+                self._advance([rows[i] for i in good], logits_rows=logits[[n1 + i for i in good]])
+        for (g, tok, _), (logits, state, seconds) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
+            self.long.timed(len(g), tok.shape[1], seconds)
+            bad = self._nonfinite(logits, state)
+            for i in np.nonzero(bad)[0]:
+                self.long.fail(g[i], self._poisoned(g[i].session))
+            for j in self.long.apply(g, logits, state, bad):
+                result = self.long.finish(j)
+                if not j.future.done():
+                    j.future.set_result(result)
+
+    def _nonfinite(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """(rows,) True where a row's logits or state hold NaN or infinity; logged once per version."""
+        bad = ~(np.isfinite(logits.reshape(len(logits), -1)).all(1) & np.isfinite(state).all(1))
+        if bad.any():
+            if self.metrics is not None:
+                self.metrics.nonfinite(self.model.key, int(bad.sum()))
+            if not self._nonfinite_seen:
+                self._nonfinite_seen = True
+                log.error("%s produced NaN or infinite values for %d row(s) of a batch; those sessions keep "
+                          "their state from before the step and get FAILED_PRECONDITION (logged once per version, "
+                          "counted in rnnserve_nonfinite_rows)", self.model.key, int(bad.sum()))
+        return bad
+
+    def _poisoned(self, session: Session) -> FailedPrecondition:
+        return FailedPrecondition(f"model {self.model.key} produced NaN or infinite values for session {session.id}; "
+                                  "the session keeps its state from before this request (its state, or the model, "
+                                  "does not give finite outputs)")
 
     def _compute(self, tok, state, seq_in, gen: bool = False):
-        """Runs in the onnxruntime thread: one step call and one sequence call per feed length.
+        """Runs in the onnxruntime thread: one step call and one sequence call per slice length, each timed.
 
         gen: the batch has generating rows; it runs on the step session with generation's threading."""
-        out_step = None
+        out_step, ro = None, self._run_options
         if len(tok):
             step = self.model.step_gen if gen and self.model.step_gen is not None else self.model.step
-            out_step = step.run(["logits", "state_out"], {"tokens": tok, "state": state})
-        out_seq = [self.model.sequence.run(["logits", "state_out"], {"tokens": t, "state": s})
-                   for _, t, s in seq_in]
+            out_step = step.run(["logits", "state_out"], {"tokens": tok, "state": state}, ro)
+        out_seq = []
+        for _, t, s in seq_in:
+            t0 = time.perf_counter()
+            logits, st = self.model.sequence.run(["logits", "state_out"], {"tokens": t, "state": s}, ro)
+            out_seq.append((logits, st, time.perf_counter() - t0))
         return out_step, out_seq
 
     def _done_feed(self, j: FeedJob, logits: np.ndarray, top) -> None:
-        j.session.steps += len(j.tokens)
+        """A single-token feed is answered."""
+        j.session.steps += 1
         self.table.finish_op(j.session)
-        if j.future.done():
+        self._settled(1)
+        if not j.future.done():
+            j.future.set_result((None, None) if j.want == "none" else (logits.copy(), top))
+
+    def _fail_feed(self, j: FeedJob, error: BaseException) -> None:
+        """A single-token feed fails; its session was not written, so it is as before."""
+        self.table.finish_op(j.session)
+        self._settled(1)
+        if not j.future.done():
+            j.future.set_exception(error)
+
+    def _fail_row(self, r: GenRow, error: BaseException) -> None:
+        """A generation ends with an error: tokens already stepped go out first, then the error."""
+        self._rows.pop(r, None)
+        if r.final == "done" or r.cancelled:
+            self.table.finish_op(r.session)
             return
-        if j.want == "none":
-            j.future.set_result((None, None))
-        elif j.want == "last":
-            j.future.set_result((logits[-1:].copy(), top))
-        else:
-            j.future.set_result((logits.copy(), top))
+        r.buf.pop()  # its step failed: not part of the state
+        if r.buf:
+            self._emit(r, done=False)
+        r.final = "done"
+        self.table.finish_op(r.session)
+        r.queue.put_nowait(error)
+        self._gauge()
 
     def _advance(self, rows: list[GenRow], logits_rows: np.ndarray) -> None:
         """After a step: count it, finish completed rows, sample the next token of the others."""

@@ -13,16 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import inputs
 from . import providers as prov
-from .batcher import Batcher, Chunk, GenRow
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .batcher import Batcher
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from .repository import ModelVersion, Repository
 from .sessions import Session, SessionTable
 from .settings import Settings
+from .work import Chunk, GenRow
 
 log = logging.getLogger(__name__)
 
 INITIAL_MODES = ("model", "zeros", "given")
+RESUME_WAIT_S = 10.0  # how long a resume waits for work still running from an earlier stream
 OUTPUTS = ("none", "last", "all")
 
 
@@ -73,6 +76,8 @@ class Generation:
         try:
             while True:
                 chunk = await self.row.queue.get()
+                if isinstance(chunk, BaseException):  # the batcher ended it with an error (a non-finite step)
+                    raise chunk
                 yield chunk
                 if chunk.done:
                     return
@@ -159,7 +164,8 @@ class Engine:
 
     def _add(self, mv: ModelVersion) -> None:
         b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,
-                    self.settings.max_wait_ms / 1000.0, self.metrics, self.settings.inline_rows)
+                    self.settings.max_wait_ms / 1000.0, self.metrics, self.settings.inline_rows,
+                    self.settings.feed_slice_ms / 1000.0)
         b.start()
         self.batchers[mv] = b
 
@@ -174,9 +180,10 @@ class Engine:
         return not self.draining
 
     async def drain(self, grace: float) -> None:
-        """Refuse new work, let generations finish within `grace` seconds, then cut the rest."""
+        """Refuse new work, let generations and long feeds finish within `grace` seconds, then cut the rest."""
         self.draining = True
         pending = [g.finished for g in self._generations]
+        pending += [j.future for b in self.batchers.values() for j in b.long.jobs]
         if pending:
             await asyncio.wait(pending, timeout=grace)
         for b in self.batchers.values():
@@ -211,8 +218,8 @@ class Engine:
         if mv is None:
             if not name:
                 raise InvalidArgument("no model named: set the model name")
-            have = ", ".join(f"{m.name}:{m.version}" for m, _ in self.list_models()) or "none"
-            what = f"model {name!r}" + (f" version {version}" if version else "")
+            have = ", ".join(f"{m.name}:{m.version}" for m, _ in self.list_models()[:20]) or "none"
+            what = f"model {shown(name)}" + (f" version {version}" if version else "")
             gone = next((m for m in self._retired if m.name == name and m.version == version), None)
             if gone is not None:
                 raise NotFound(f"{what} was removed from the repository (or left the --serve-versions "
@@ -226,47 +233,13 @@ class Engine:
         return self.batchers[self.model(name, version)].stats()
 
     # -- input checks ---------------------------------------------------------------------------------
-    @staticmethod
-    def encode(mv: ModelVersion, text: str) -> np.ndarray:
-        """Text -> token ids (n,); INVALID_ARGUMENT naming the first character outside the vocabulary."""
-        ids = mv.char_ids
-        try:
-            return np.fromiter((ids[c] for c in text), np.int64, len(text))
-        except KeyError:
-            pos = next(i for i, c in enumerate(text) if c not in ids)
-            raise InvalidArgument(f"character {text[pos]!r} (U+{ord(text[pos]):04X}) at position {pos} is not "
-                                  f"in the vocabulary of {mv.key}") from None
-
-    @staticmethod
-    def check_tokens(mv: ModelVersion, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Token ids -> (n,) int64; INVALID_ARGUMENT naming the first id outside [0, vocab)."""
-        V = mv.vocab_size
-        if type(tokens) is list and len(tokens) <= 8 and all(type(t) is int and 0 <= t < V for t in tokens):
-            return np.array(tokens, np.int64)  # the common ping-pong case, without the array checks
-        arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        bad = np.nonzero((arr < 0) | (arr >= mv.vocab_size))[0]
-        if len(bad):
-            raise InvalidArgument(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is out of range "
-                                  f"[0, {mv.vocab_size}) for {mv.key}")
-        return arr
-
-    @staticmethod
-    def check_state(mv: ModelVersion, state: Sequence[float] | np.ndarray) -> np.ndarray:
-        """A state vector -> (S,) float32; INVALID_ARGUMENT on a wrong length or non-finite values."""
-        arr = np.asarray(state, dtype=np.float32).reshape(-1)
-        if arr.shape[0] != mv.state_size:
-            raise InvalidArgument(f"state has length {arr.shape[0]}, {mv.key} needs {mv.state_size}")
-        if not np.isfinite(arr).all():
-            raise InvalidArgument("state contains NaN or infinite values")
-        return arr
-
     def _start_state(self, mv: ModelVersion, initial: str, state) -> np.ndarray:
         if initial == "model":
             return mv.initial_state
         if initial == "zeros":
             return np.zeros(mv.state_size, np.float32)
         if initial == "given":
-            return self.check_state(mv, state if state is not None else [])
+            return inputs.check_state(mv, state if state is not None else [])
         raise InvalidArgument(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
 
     def _accepting(self) -> None:
@@ -274,7 +247,7 @@ class Engine:
             raise Unavailable("the server is shutting down and takes no new work")
 
     def _claim(self, sid: str) -> Session:
-        s = self.table.get(sid)
+        s = self.table.get(inputs.check_id(sid))
         if s.busy:
             raise FailedPrecondition(f"session {sid} is busy with another request (a feed or a generation)")
         return s
@@ -289,46 +262,68 @@ class Engine:
         s = self.table.create(mv, start)
         return SessionInfo(s.id, mv, 0, False, self.settings.idle_timeout)
 
-    def resume(self, session_id: str) -> SessionInfo:
-        """Find a live session by id (NOT_FOUND says unknown, closed or expired)."""
+    async def resume(self, session_id: str, wait: float = RESUME_WAIT_S) -> SessionInfo:
+        """Find a live session by id (NOT_FOUND says unknown, closed or expired).
+
+        Work still running on it from a stream that went away (a long feed) is waited for, up to `wait`
+        seconds, so the step count reported is the true one; past that, FAILED_PRECONDITION says so."""
         self._accepting()
-        s = self.table.get(session_id)
+        s = self.table.get(inputs.check_id(session_id))
+        if s.busy and not await self.table.wait_idle(s, wait):
+            raise FailedPrecondition(f"session {s.id} is still busy after {wait:g} s with work sent on an earlier "
+                                     f"stream (a long feed); resume again when it is done")
+        s = self.table.get(session_id)  # closed or expired meanwhile: NOT_FOUND
         return SessionInfo(s.id, s.model, s.steps, True, self.settings.idle_timeout)
 
     def session_model(self, session_id: str) -> ModelVersion:
         """The model version a live session runs on."""
-        return self.table.get(session_id).model
+        return self.table.get(inputs.check_id(session_id)).model
 
     def has_session(self, session_id: str) -> bool:
         """Whether a session with this id is live (no NOT_FOUND, no touch of its idle clock)."""
         return session_id in self.table.live
 
     async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
-                   output: str = "last", top_k: int = 0) -> FeedResult:
-        """Push text or token ids through a session (1 token: batched step; more: sequence.onnx).
+                   output: str = "last", top_k: int = 0, logits: bool = True) -> FeedResult:
+        """Push text or token ids through a session (1 token: a batched step; more: sequence.onnx in slices).
 
         top_k > 0 also returns the top-k ids and probabilities of each returned step (FeedResult.top),
-        computed once for the whole batch."""
+        computed once for the whole batch. `logits`: whether the caller will send full logits back (with
+        top_k, only to size the answer: a feed whose answer could not be sent is refused before it runs)."""
         self._accepting()
         if output not in OUTPUTS:
             raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
         s = self._claim(session_id)
         mv = s.model
-        ids = self.encode(mv, tokens) if isinstance(tokens, str) else self.check_tokens(mv, tokens)
-        if len(ids) == 0:
-            raise InvalidArgument("feed has no tokens: send text or token ids")
+        top_k = max(0, int(top_k))
+        self.check_feed(mv, len(tokens), output, top_k, logits)
+        ids = inputs.encode(mv, tokens) if isinstance(tokens, str) else inputs.check_tokens(mv, tokens)
         s.busy = True
-        # no shield: a cancelled caller cancels only this future; the batcher still runs the step and
-        # releases the session (FeedJob bookkeeping does not depend on the future)
-        logits, top = await self.batchers[mv].feed(s, ids, output, max(0, int(top_k)))
-        return FeedResult(len(ids), logits, s.steps, top)
+        # no shield: a cancelled caller cancels only this future; the batcher still runs the feed to its end
+        # and releases the session (FeedJob bookkeeping does not depend on the future)
+        logits_out, top = await self.batchers[mv].feed(s, ids, output, top_k)
+        return FeedResult(len(ids), logits_out, s.steps, top)
+
+    def check_feed(self, mv: ModelVersion, n: int, output: str = "all", top_k: int = 0, logits: bool = True) -> None:
+        """Refuse, before any work, a feed that is empty, too long, too big to answer, or over the budget of
+        tokens in flight (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit)."""
+        if n == 0:
+            raise InvalidArgument("feed has no tokens: send text or token ids")
+        inputs.check_feed_size(n, self.settings.max_feed_tokens)
+        steps_back = {"none": 0, "last": 1, "all": n}[output]
+        inputs.check_answer_size(inputs.answer_bytes(steps_back, mv.vocab_size, logits or not top_k, top_k),
+                                 self.settings.max_send_bytes, f"the answer to this feed of {n} tokens")
+        running, limit = sum(b.inflight_tokens for b in self.batchers.values()), self.settings.max_inflight_tokens
+        if running + n > limit:
+            raise ResourceExhausted(f"the server is already running {running} feed tokens; {n} more would pass "
+                                    f"its limit of {limit} (--max-inflight-tokens): retry shortly")
 
     async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
                     state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
         info = self.open(name, version, "model" if state is None else "given", state)
         try:
-            out = await self.feed(info.session_id, tokens, "all")
+            out = await self.feed(info.session_id, tokens, "all", logits=True)
             return out.logits, self.get_state(info.session_id).state
         finally:
             self.close(info.session_id)
@@ -379,18 +374,18 @@ class Engine:
         """Close a session (its row is freed; the id answers NOT_FOUND 'was closed' afterwards).
 
         A generation running on it ends at once with reason 'cancelled'."""
-        s = self.table.get(session_id)
+        s = self.table.get(inputs.check_id(session_id))
         for g in [g for g in self._generations if g.row.session is s]:
             self.batchers[s.model].end(g.row, "cancelled")
         return self.table.close(session_id).id
 
     def get_state(self, session_id: str) -> StateView:
         """A copy of a session's state vector."""
-        s = self.table.get(session_id)
+        s = self.table.get(inputs.check_id(session_id))
         return StateView(s.id, s.model, s.state, s.steps)
 
     def set_state(self, session_id: str, state: Sequence[float] | np.ndarray) -> StateView:
         """Overwrite a session's state (import / migrate); its last logits are cleared."""
         s = self._claim(session_id)
-        s.set_state(self.check_state(s.model, state))
+        s.set_state(inputs.check_state(s.model, state))
         return StateView(s.id, s.model, s.state, s.steps)

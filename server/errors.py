@@ -3,6 +3,18 @@ from __future__ import annotations
 
 import grpc
 
+SHOWN_CHARS = 64  # how much of a client's string an error message repeats
+MAX_MESSAGE_CHARS = 2000  # the longest error message sent (status details travel in size-limited metadata)
+
+
+def shown(text: object, limit: int = SHOWN_CHARS) -> str:
+    """repr() of a client's value, cut to `limit` characters with its full length said."""
+    r = repr(text)
+    if len(r) <= limit:
+        return r
+    n = len(text) if isinstance(text, (str, bytes)) else len(r)
+    return f"{r[:limit]}... ({n} characters)"
+
 
 class ServeError(Exception):
     """A request failed for a reason the client can act on; `code` is its gRPC status."""
@@ -10,6 +22,8 @@ class ServeError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS - 20] + " ... (message cut)"
         super().__init__(message)
         self.message = message
 

@@ -6,11 +6,20 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from .app import App
 from .settings import Settings, parse
 
 log = logging.getLogger(__name__)
+EXIT_MARGIN_S = 1.0  # the process is gone at most this long after --grace, whatever is still running
+
+
+def _force_exit() -> None:
+    """The last resort of the grace deadline: something did not stop in time (logged), exit anyway."""
+    log.error("still running %.1f s after the grace period: exiting now", EXIT_MARGIN_S)
+    logging.shutdown()
+    os._exit(0)
 
 
 async def serve(settings: Settings) -> int:
@@ -28,12 +37,16 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("signal received: draining (grace %g s)", settings.grace)
+    end = loop.time() + settings.grace + EXIT_MARGIN_S
+    watchdog = threading.Timer(settings.grace + EXIT_MARGIN_S, _force_exit)
+    watchdog.daemon = True
+    watchdog.start()
     await app.stop()
     # The calls cut at the deadline unwind on the loop's next turns: let them finish rather than have
     # asyncio.run cancel them halfway (grpc logs that as an unhandled CancelledError with a traceback).
     rest = asyncio.all_tasks() - {asyncio.current_task()}
     if rest:
-        await asyncio.wait(rest, timeout=1.0)
+        await asyncio.wait(rest, timeout=max(0.05, min(1.0, end - EXIT_MARGIN_S / 2 - loop.time())))
     return 0
 
 

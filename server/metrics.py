@@ -22,6 +22,9 @@ class Metrics:
         self.latency = Histogram("rnnserve_step_latency_seconds", "Seconds per batched onnxruntime call",
                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("rnnserve_errors", "Errors answered, by gRPC status code", ["code"], registry=r)
+        self.nonfinite_rows = Counter("rnnserve_nonfinite_rows", "Session steps refused because the model "
+                                      "gave NaN or infinite values (the session kept its state)", ["model"],
+                                      registry=r)
         self.broken = Gauge("rnnserve_broken_versions", "Version folders that failed to load (see the log)",
                             registry=r)
         self.http = None
@@ -59,6 +62,10 @@ class Metrics:
         c[2].inc(steps)
         if generated:
             c[3].inc(generated)
+
+    def nonfinite(self, model: str, rows: int) -> None:
+        """Count rows whose step gave non-finite values."""
+        self.nonfinite_rows.labels(model).inc(rows)
 
     def broken_versions(self, n: int) -> None:
         """Set the number of version folders the last scan could not load."""

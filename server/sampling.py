@@ -1,18 +1,25 @@
-"""Vectorized sampling over a batch of rows: temperature, top-k, top-p, then inverse-CDF on one uniform each."""
+"""Vectorized sampling over a batch of rows: temperature, top-k, top-p, then inverse-CDF on one uniform each.
+
+Defined for every temperature a client may send: at or below GREEDY_BELOW (0 included) a row is greedy
+(argmax), and above it the logits are shifted by their maximum before the division, so a tiny
+temperature cannot overflow into infinities or NaN.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+GREEDY_BELOW = 1e-6  # temperatures at or below this sample greedily
 
 
 def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
            uniforms: np.ndarray) -> np.ndarray:
     """logits (R, V), per-row temperature/top_k/top_p (R,), uniforms in [0, 1) (R,) -> token ids (R,).
 
-    temperature 0 = argmax; top_k 0 = all; top_p 0 or >= 1 = no nucleus filter.
+    temperature <= GREEDY_BELOW = argmax; top_k 0 = all; top_p 0 or >= 1 = no nucleus filter.
     """
     V = logits.shape[1]
     out = np.argmax(logits, axis=1)  # (R,) greedy for temperature 0
-    hot = temperature > 0
+    hot = temperature > GREEDY_BELOW
     if not hot.any():
         return out
     k = np.where((top_k <= 0) | (top_k >= V), V, top_k)  # (R,) V = no top-k filter
@@ -28,8 +35,8 @@ def sample(logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p
 
 def _sample_plain(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Inverse CDF in vocabulary order (no sort): each row's result depends on that row alone."""
-    lg = logits / temperature.astype(np.float32)[:, None]  # (r, V) float32: a quarter of the float64 time
-    lg -= lg.max(axis=1, keepdims=True)
+    lg = logits - logits.max(axis=1, keepdims=True)  # (r, V) float32 (a quarter of the float64 time), <= 0
+    lg /= temperature.astype(np.float32)[:, None]  # no overflow: at most 0, and -inf only underflows exp
     cdf = np.cumsum(np.exp(lg), axis=1)  # (r, V)
     target = (uniforms * cdf[:, -1]).astype(np.float32)  # (r,)
     idx = (cdf <= target[:, None]).sum(axis=1)  # (r,) first position whose cdf passes the target
@@ -43,7 +50,7 @@ def _sample_filtered(logits: np.ndarray, temperature: np.ndarray, k: np.ndarray,
                      uniforms: np.ndarray) -> np.ndarray:
     """Top-k and/or top-p: sort each row, cut, inverse CDF over what is left (most probable first)."""
     V = logits.shape[1]
-    lg = logits.astype(np.float64) / temperature[:, None]  # (r, V)
+    lg = (logits.astype(np.float64) - logits.max(axis=1, keepdims=True)) / temperature[:, None]  # (r, V) <= 0
     order = np.argsort(-lg, axis=1)  # (r, V) most probable first
     srt = np.take_along_axis(lg, order, axis=1)  # (r, V)
     p = np.exp(srt - srt[:, :1])  # (r, V) unnormalised, max first

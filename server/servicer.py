@@ -85,7 +85,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         if which is None:
             raise InvalidArgument("feed has no input: set text or tokens")
         data = f.text if which == "text" else list(f.tokens.ids)
-        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output], top_k=f.top_k)
+        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output], top_k=f.top_k, logits=f.logits)
         return pb.FeedResult(fed=res.fed, steps=res.steps,
                              distributions=distributions(res.logits, f.top_k, f.logits, res.top))
 
@@ -103,7 +103,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                     sid = info.session_id
                     yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
                 elif kind == "resume":
-                    info = self.engine.resume(req.resume.session_id)
+                    info = await self.engine.resume(req.resume.session_id)
                     sid = info.session_id
                     yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
                 elif kind is None:

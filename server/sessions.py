@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import NotFound, ResourceExhausted
+from .errors import NotFound, ResourceExhausted, shown
 from .repository import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class StatePool:
 class Session:
     """One client sequence: where its state lives and its bookkeeping (no arrays of its own)."""
 
-    __slots__ = ("_heaped", "busy", "closed", "deadline", "id", "model", "pool", "row", "steps")
+    __slots__ = ("_heaped", "_idle", "busy", "closed", "deadline", "id", "model", "pool", "row", "steps")
 
     def __init__(self, sid: str, pool: StatePool, row: int) -> None:
         self.id = sid
@@ -70,6 +70,7 @@ class Session:
         self.busy = False  # an operation (feed, generation) is in flight
         self.closed = False
         self._heaped = False
+        self._idle: asyncio.Future | None = None  # set while someone waits for the operation to end
 
     @property
     def state(self) -> np.ndarray:
@@ -136,7 +137,7 @@ class SessionTable:
         why = self._gone.get(sid)
         if why is not None:
             raise NotFound(f"session {sid} {why}")
-        raise NotFound(f"session {sid!r} is unknown (never opened here, or forgotten)")
+        raise NotFound(f"session {shown(sid)} is unknown (never opened here, or forgotten)")
 
     def close(self, sid: str) -> Session:
         """Close a session: its row is freed now, or when its in-flight operation ends."""
@@ -153,6 +154,22 @@ class SessionTable:
                 s.row = -1
         else:
             self.touch(s)
+        if s._idle is not None:
+            if not s._idle.done():
+                s._idle.set_result(None)
+            s._idle = None
+
+    async def wait_idle(self, s: Session, timeout: float) -> bool:
+        """Wait until the operation running on `s` ends (True), or `timeout` seconds pass (False)."""
+        if not s.busy:
+            return True
+        if s._idle is None:
+            s._idle = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(s._idle), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _drop(self, s: Session, why: str) -> None:
         self.live.pop(s.id, None)

@@ -32,7 +32,15 @@ class Settings:
     ort_threads: int = 1  # onnxruntime intra-op threads per session; 0 = its default (one per core)
     ort_gen_threads: int = 0  # the same for step batches with generating rows (0 = one per core)
     inline_rows: int = 64  # feed-only step batches up to this size run on the event loop; 0 = never
+    feed_slice_ms: float = 2.0  # target onnxruntime time of one iteration's share of multi-token feeds
+    max_feed_tokens: int = 262_144  # most tokens of one feed or KServe request
+    max_inflight_tokens: int = 4_194_304  # most tokens of all feeds queued or running at once
     log_level: str = "INFO"
+
+    @property
+    def max_send_bytes(self) -> int:
+        """The largest answer the server sends (gRPC's send limit): answers that would be larger are refused."""
+        return max(self.max_message_bytes, 64 * 1024 * 1024)
 
 
 # flag, dest, type, help
@@ -56,6 +64,10 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--ort-threads", "ort_threads", int, "onnxruntime intra-op threads per model (0 = one per core)"),
     ("--ort-gen-threads", "ort_gen_threads", int, "the same for batches with generating rows"),
     ("--inline-rows", "inline_rows", int, "feed-only batches up to this many rows skip the onnxruntime thread"),
+    ("--feed-slice-ms", "feed_slice_ms", float,
+     "long feeds run in slices of about this many ms of onnxruntime time, between other sessions' steps"),
+    ("--max-feed-tokens", "max_feed_tokens", int, "most tokens in one feed or KServe request"),
+    ("--max-inflight-tokens", "max_inflight_tokens", int, "most tokens of all feeds queued or running at once"),
     ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
 
@@ -105,13 +117,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     problems = []
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
-    for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens"):
+    for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens",
+                 "max_feed_tokens", "max_inflight_tokens"):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "ort_threads", "ort_gen_threads",
                  "inline_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not s.feed_slice_ms > 0:
+        problems.append(f"--feed-slice-ms must be > 0, got {s.feed_slice_ms}")
     if s.metrics_port < -1:
         problems.append(f"--metrics-port must be -1, 0 or a port, got {s.metrics_port}")
     if problems:

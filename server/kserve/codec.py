@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
+from ..inputs import check_id
 
 INPUT = "tokens"
 OUTPUTS = ("logits", "state")
@@ -46,11 +47,13 @@ def read_sequence(request: Any) -> Sequence:
     seq_id = _param(params["sequence_id"]) if "sequence_id" in params else None
     if isinstance(seq_id, (bool, float)):
         raise invalid(f"parameter sequence_id must be an int64 or a string, got {seq_id!r}")
+    if isinstance(seq_id, str):
+        check_id(seq_id, "parameter sequence_id")
     flags = {}
     for key in ("sequence_start", "sequence_end"):
         value = _param(params[key]) if key in params else False
         if not isinstance(value, (bool, int)):
-            raise invalid(f"parameter {key} must be a bool, got {value!r}")
+            raise invalid(f"parameter {key} must be a bool, got {shown(value)}")
         flags[key] = bool(value)
     if seq_id in (None, 0, ""):
         if flags["sequence_start"] or flags["sequence_end"]:

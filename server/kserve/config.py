@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
 from ..repository import ModelVersion
 from ..settings import Settings
 
@@ -21,8 +21,9 @@ def parse_version(text: str) -> int:
     """A request's model_version string -> int (0 = latest); INVALID_ARGUMENT when not a positive integer."""
     if not text:
         return 0
-    if not text.isdigit() or int(text) <= 0:
-        raise InvalidArgument(f"model_version must be a positive integer (or empty for the latest), got {text!r}")
+    if not (text.isascii() and text.isdigit() and len(text) <= 18) or int(text) <= 0:
+        raise InvalidArgument(f"model_version must be a positive integer (or empty for the latest), "
+                              f"got {shown(text)}")
     return int(text)
 
 

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine import Engine
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, shown
 from ..repository import ModelVersion
 from .codec import Sequence
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int | str]  # (model name, sequence id)
-TOMBSTONES = 65536  # how many gone sequence ids we remember, to say why they are gone
+TOMBSTONES = 65536  # how many gone sequence ids we remember, to say why they are gone ...
+TOMBSTONE_BYTES = 8 << 20  # ... and how many bytes of ids and reasons at most
 SWEEP_FLOOR = 1024  # look for sessions expired under us once the table doubles past this
 
 
@@ -39,8 +40,12 @@ class Step:
 
 
 def describe(key: Key) -> str:
-    """'sequence id 7 of model "tiny"' (string ids quoted, so 7 and "7" read differently)."""
-    return f"sequence id {key[1]!r} of model {key[0]!r}"
+    """'sequence id 7 of model "tiny"' (string ids quoted, so 7 and "7" read differently; long ones cut)."""
+    return f"sequence id {shown(key[1])} of model {shown(key[0])}"
+
+
+def _size(key: Key, why: str) -> int:
+    return len(key[0]) + (len(key[1]) if isinstance(key[1], str) else 8) + len(why) + 64
 
 
 class Sequences:
@@ -50,6 +55,7 @@ class Sequences:
         self.engine = engine
         self.live: dict[Key, str] = {}
         self.gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # why, when (wall clock)
+        self._gone_bytes = 0
         self._tails: dict[Key, asyncio.Future] = {}
         self._sweep_at = SWEEP_FLOOR
 
@@ -90,7 +96,9 @@ class Sequences:
                 del self.live[key]
             sid = eng.open(name, mv.version).session_id
             self.live[key] = sid
-            self.gone.pop(key, None)
+            old = self.gone.pop(key, None)
+            if old is not None:
+                self._gone_bytes -= _size(key, old[0])
             if len(self.live) > self._sweep_at:
                 self._sweep()
         else:
@@ -137,10 +145,14 @@ class Sequences:
         self._bury(key, why)
 
     def _bury(self, key: Key, why: str) -> None:
+        old = self.gone.pop(key, None)
+        if old is not None:
+            self._gone_bytes -= _size(key, old[0])
         self.gone[key] = (why, time.time())
-        self.gone.move_to_end(key)
-        while len(self.gone) > TOMBSTONES:
-            self.gone.popitem(last=False)
+        self._gone_bytes += _size(key, why)
+        while len(self.gone) > TOMBSTONES or self._gone_bytes > TOMBSTONE_BYTES:
+            k, (w, _) = self.gone.popitem(last=False)
+            self._gone_bytes -= _size(k, w)
 
     def why_gone(self, key: Key) -> str:
         """The NOT_FOUND text for a request without sequence_start on an id that has no live sequence."""

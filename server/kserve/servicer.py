@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from .. import inputs
 from ..engine import Engine
 from ..errors import NotFound, ServeError
 from ..settings import Settings
@@ -99,7 +100,9 @@ class KServeServicer:
         want_state = "state" in outputs
 
         def tokens_of(mv):  # (T,) int64, checked against the model the request lands on, before any START
-            return Engine.check_tokens(mv, read_tokens(req))
+            tokens = read_tokens(req)
+            self.engine.check_feed(mv, len(tokens))
+            return inputs.check_tokens(mv, tokens)
 
         if seq.id is None:
             step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
@@ -165,12 +168,19 @@ class KServeServicer:
                 except Exception as e:  # noqa: BLE001 (the call ended while we wrote: nobody to answer)
                     log.debug("KServe stream answer %r dropped: %s", req.id, e)
 
-        async for req in requests:
-            t = asyncio.ensure_future(answer(req))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.wait(list(tasks))
+        async def drain() -> None:
+            while tasks:
+                await asyncio.wait(list(tasks))
+
+        try:
+            async for req in requests:
+                t = asyncio.ensure_future(answer(req))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        except ServeError:  # a message that does not parse: the answers under way go out, then the status
+            await drain()
+            raise
+        await drain()
 
 
 def _retrieve(t: asyncio.Future) -> None:

@@ -1,0 +1,96 @@
+"""The units of work the engine hands the batcher and the batcher hands back: feeds, generating rows,
+generated chunks, one iteration's plan. Shared by engine.py and batcher.py, so neither reaches into the other.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sessions import Session
+
+
+@dataclass(eq=False)
+class FeedJob:
+    """Tokens to push through one session; the future gets logits (n, V) or (1, V) or None.
+
+    A feed of more than one token runs in slices (`pos` tokens done so far) between other sessions'
+    steps; it is atomic all the same: on failure the session is put back as it was before the feed."""
+
+    session: Session
+    tokens: np.ndarray  # (n,) int64
+    want: str  # "none" | "last" | "all"
+    future: asyncio.Future  # result: (logits or None, (top ids, top probs) or None)
+    top_k: int = 0
+    pos: int = 0  # tokens already run
+    parts: list[np.ndarray] = field(default_factory=list)  # logits of the slices run, as `want` needs them
+    before: tuple[np.ndarray, np.ndarray, bool] | None = None  # (state, logits, has_logits) before the feed
+
+    @property
+    def left(self) -> int:
+        """Tokens still to run."""
+        return len(self.tokens) - self.pos
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of generated output handed to the handler."""
+
+    tokens: list[int]
+    text: str
+    done: bool = False
+    reason: str = ""  # "length" | "stop" | "cancelled" when done
+    steps: int = 0  # tokens the session will have consumed once this chunk's tokens are stepped
+
+
+@dataclass(eq=False)
+class GenRow:
+    """A generating session: a row that stays in the batch every iteration until it finishes."""
+
+    session: Session
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    rng: np.random.Generator
+    stops: tuple[str, ...]
+    chunk_tokens: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    token: int = -1  # sampled, to be stepped next
+    produced: int = 0
+    final: str = ""  # finish reason once the last token is sampled
+    buf: list[int] = field(default_factory=list)
+    tail: str = ""
+    maxstop: int = 0  # longest stop string
+    emitted: bool = False  # a chunk went out already
+    cancelled: bool = False
+    uniforms: list[float] = field(default_factory=list)  # drawn ahead from rng, next one last
+
+    def uniform(self) -> float:
+        """The next uniform of this row's stream: the same numbers as rng.random() one by one, drawn in
+        blocks (one numpy call per 64 tokens instead of one per token)."""
+        if not self.uniforms:
+            self.uniforms = self.rng.random(min(64, max(1, self.max_tokens - self.produced))).tolist()[::-1]
+        return self.uniforms.pop()
+
+
+@dataclass(eq=False)
+class Plan:
+    """One iteration's work, as the batcher's schedule phase picked it: what execute runs and update writes back."""
+
+    feeds1: list[FeedJob]  # single-token feeds, stepped with the generating rows
+    rows: list[GenRow]  # generating rows, one token each
+    seqs: list[FeedJob]  # multi-token feeds with a slice in this iteration
+    step_rows: np.ndarray  # (B,) pool rows of feeds1 then rows
+    step_tok: np.ndarray  # (B,) int64
+    step_state: np.ndarray | None  # (B, S)
+    seq_in: list[tuple[list[FeedJob], np.ndarray, np.ndarray]]  # per slice length: jobs, (G, T), (G, S)
+
+    def split(self) -> list[Plan]:
+        """The step part and the slice part as two plans (run in that order), or this plan alone."""
+        if not (self.seq_in and len(self.step_rows)):
+            return [self]
+        none = np.zeros(0, np.int64)
+        return [Plan(self.feeds1, self.rows, [], self.step_rows, self.step_tok, self.step_state, []),
+                Plan([], [], self.seqs, none, none, None, self.seq_in)]
