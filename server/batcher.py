@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 
+from . import memory
 from .errors import FailedPrecondition, NotFound, Unavailable
 from .feeds import LongFeeds
 from .repository import ModelVersion
@@ -27,6 +28,7 @@ from .sessions import Session, SessionTable, StatePool
 from .work import Chunk, FeedJob, GenRow, Plan
 
 log = logging.getLogger(__name__)
+TRIM_AFTER_TOKENS = 50_000  # feed tokens after which an idle batcher returns freed heap to the system
 
 
 class Batcher:
@@ -46,6 +48,7 @@ class Batcher:
         self.inflight_tokens = 0  # tokens of the feeds queued or running here (--max-inflight-tokens)
         self._run_options = ort.RunOptions()  # its terminate flag cuts a running call at shutdown
         self._nonfinite_seen = False
+        self._since_trim = 0  # feed tokens since memory was last handed back to the system
         self._new_rows: list[GenRow] = []
         self._rows: dict[GenRow, None] = {}  # insertion-ordered set of generating rows
         self._inflight: set[GenRow] = set()
@@ -92,6 +95,7 @@ class Batcher:
         else:
             self.long.add(job)
         self.inflight_tokens += len(tokens)
+        self._since_trim += len(tokens)
         self._wake.set()
         return fut
 
@@ -132,6 +136,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not (self._feeds or self.long or self._rows or self._new_rows):
+                if self._since_trim > TRIM_AFTER_TOKENS:  # idle after a burst: give freed memory back
+                    self._since_trim = 0
+                    memory.trim()
                 self._wake.clear()
                 await self._wake.wait()
             if self.max_wait_s > 0 and not self._rows and len(self._feeds) < self.max_batch:
