@@ -87,6 +87,7 @@ def _wait_port(proc: subprocess.Popen, port_file: Path, log_file: Path, timeout:
 def start(name: str, argv: list[str], port_file_flag: str = "--port-file") -> ServerProc:
     """Run argv + [port_file_flag, FILE] with output to a log file; return once it is serving."""
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    argv = [a.replace("{workdir}", str(workdir)) for a in argv]
     port_file, log_file = workdir / "port.json", workdir / "server.log"
     with log_file.open("wb") as out:
         proc = subprocess.Popen([*argv, port_file_flag, str(port_file)], stdout=out, stderr=subprocess.STDOUT,
@@ -108,5 +109,5 @@ def start_rnn_serve(models: Path, *extra: str) -> ServerProc:
     """rnn-serve on a model repository, on 127.0.0.1 with an ephemeral port and no metrics/polling."""
     exe = Path(sys.executable).with_name("rnn-serve")
     argv = [str(exe), "--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-            "--poll-interval", "0", "--log-level", "WARNING", *extra]
+            "--poll-interval", "0", "--log-level", "WARNING", "--state-dir", "{workdir}/state", *extra]
     return start("rnn-serve", argv)

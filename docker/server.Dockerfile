@@ -54,7 +54,7 @@ ARG GID=10001
 RUN groupadd --system --gid "${GID}" rnnserve \
  && useradd --system --no-log-init --uid "${UID}" --gid rnnserve \
         --home-dir /nonexistent --shell /usr/sbin/nologin rnnserve \
- && install -d -o rnnserve -g rnnserve /models
+ && install -d -o rnnserve -g rnnserve /models /state
 # The shipped default models: the image serves them alone; an empty named volume mounted on /models
 # is seeded from here (owned by rnnserve, so the train/export jobs can add versions to it).
 COPY --chown=rnnserve:rnnserve models/ /models/
@@ -62,6 +62,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RNNSERVE_MODELS=/models \
+    RNNSERVE_STATE_DIR=/state \
     RNNSERVE_HOST=0.0.0.0 \
     RNNSERVE_PORT=8001 \
     RNNSERVE_METRICS_PORT=8002 \

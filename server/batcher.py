@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,7 +36,8 @@ class Batcher:
     """Gathers the steps of all sessions of one model version into single onnxruntime calls."""
 
     def __init__(self, model: ModelVersion, pool: StatePool, table: SessionTable, max_batch: int,
-                 max_wait_s: float, metrics=None, inline_rows: int = 0, slice_s: float = 0.002) -> None:
+                 max_wait_s: float, metrics=None, inline_rows: int = 0, slice_s: float = 0.002,
+                 on_stepped: Callable[[list[Session]], None] | None = None) -> None:
         self.model = model
         self.inline_rows = inline_rows  # step batches this small run on the loop thread (no thread hop)
         self.pool = pool
@@ -43,6 +45,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.metrics = metrics
+        self.on_stepped = on_stepped  # called with the sessions whose state moved on in an iteration
         self._feeds: list[FeedJob] = []  # single-token feeds, stepped with the generating rows
         self.long = LongFeeds(pool, table, slice_s, self._settled)  # multi-token feeds, run in slices
         self.inflight_tokens = 0  # tokens of the feeds queued or running here (--max-inflight-tokens)
@@ -245,6 +248,7 @@ class Batcher:
         """Write finite states and logits back into the pool, answer the feeds, advance the generating rows."""
         feeds1, rows, step_rows = plan.feeds1, plan.rows, plan.step_rows
         pool = self.pool
+        moved: list[Session] = []  # sessions whose state moved on (whole feeds, generated tokens)
         self.last_batch = len(step_rows)
         self.batches += 1
         if self.metrics is not None:
@@ -266,12 +270,14 @@ class Batcher:
                     self._fail_feed(j, self._poisoned(j.session))
                 else:
                     self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
+                    moved.append(j.session)
             if rows:
                 n1 = len(feeds1)
                 for i in np.nonzero(bad[n1:])[0]:
                     self._fail_row(rows[i], self._poisoned(rows[i].session))
                 good = [i for i in range(len(rows)) if not bad[n1 + i]]
                 self._advance([rows[i] for i in good], logits_rows=logits[[n1 + i for i in good]])
+                moved += [rows[i].session for i in good]
         for (g, tok, _), (logits, state, seconds) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
             self.long.timed(len(g), tok.shape[1], seconds)
             bad = self._nonfinite(logits, state)
@@ -279,8 +285,11 @@ class Batcher:
                 self.long.fail(g[i], self._poisoned(g[i].session))
             for j in self.long.apply(g, logits, state, bad):
                 result = self.long.finish(j)
+                moved.append(j.session)
                 if not j.future.done():
                     j.future.set_result(result)
+        if moved and self.on_stepped is not None:
+            self.on_stepped(moved)
 
     def _nonfinite(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
         """(rows,) True where a row's logits or state hold NaN or infinity; logged once per version."""

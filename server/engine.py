@@ -1,7 +1,8 @@
-"""The serving engine: the one facade both servicers (native and KServe v2) call.
+"""The serving engine: the one narrow API both servicers (native and KServe v2) call.
 
 Every method raises a server.errors.ServeError subclass for anything the client did wrong
-(its `.code` is the gRPC status to answer with). Sessions, batching and onnxruntime stay behind it.
+(its `.code` is the gRPC status to answer with). Models and batchers (models.py), sessions in
+memory (sessions.py) and in the store (keeper.py), and onnxruntime all stay behind it.
 """
 from __future__ import annotations
 
@@ -9,55 +10,25 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import inputs
-from . import providers as prov
 from .batcher import Batcher
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from .keeper import Keeper
+from .models import Models
 from .repository import ModelVersion, Repository
-from .sessions import Session, SessionTable
-from .settings import Settings
-from .work import Chunk, GenRow
+from .sessions import Attachment, Session, SessionTable
+from .settings import Settings, parse_policy
+from .store import open_store
+from .work import Chunk, FeedResult, GenRow, SessionInfo, StateView
 
 log = logging.getLogger(__name__)
 
 INITIAL_MODES = ("model", "zeros", "given")
 RESUME_WAIT_S = 10.0  # how long a resume waits for work still running from an earlier stream
 OUTPUTS = ("none", "last", "all")
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What open/resume return."""
-
-    session_id: str
-    model: ModelVersion
-    steps: int
-    resumed: bool
-    idle_timeout_s: float
-
-
-@dataclass(frozen=True)
-class FeedResult:
-    """What feed returns: tokens consumed, logits (n, V) per `output` (None for "none"), total steps."""
-
-    fed: int
-    logits: np.ndarray | None
-    steps: int
-    top: tuple[np.ndarray, np.ndarray] | None = None  # (n, >= top_k) ids, probs when feed asked top_k
-
-
-@dataclass(frozen=True)
-class StateView:
-    """A session's state vector (S,) float32 with its model and step count."""
-
-    session_id: str
-    model: ModelVersion
-    state: np.ndarray
-    steps: int
 
 
 class Generation:
@@ -93,81 +64,49 @@ class Generation:
 
 
 class Engine:
-    """Owns the repository, the session table and one batcher per loaded model version."""
+    """Sessions and their work: open, resume, feed, generate, state; the models and the store behind."""
 
     def __init__(self, settings: Settings, metrics=None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.store = open_store(settings.session_store, settings.state_dir, settings.replica_id)
+        self.keeper: Keeper | None = None
         self.table = SessionTable(settings.max_sessions, settings.idle_timeout,
-                                  on_change=(metrics.live_sessions if metrics else None))
-        self.repo: Repository | None = None
-        self.batchers: dict[ModelVersion, Batcher] = {}
+                                  on_change=(metrics.live_sessions if metrics else None), on_expire=self._expired)
+        self.models = Models(settings, self.table, metrics, on_stepped=self._stepped)
+        if self.store is not None:
+            self.keeper = Keeper(self.store, self.table, parse_policy(settings.state_sync), settings.idle_timeout,
+                                 self.models.get, self._stop_work)
         self.draining = False
-        self.provider = ""
         self._generations: set[Generation] = set()
-        self._retired: set[ModelVersion] = set()
-        self.on_models_changed: list = []  # async callables run after a scan changed what is served
-        self._watcher: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Choose the provider, load the repository, start a batcher per version."""
-        providers, why = prov.choose(self.settings.device)
-        self.provider = providers[0]
-        log.info("onnxruntime provider: %s (%s)", self.provider, why)
-        self.repo = Repository(self.settings.models, providers, self.settings.serve_versions,
-                               self.settings.ort_threads, self.settings.ort_gen_threads)
-        loop = asyncio.get_running_loop()
-        added, _ = await loop.run_in_executor(None, self.repo.scan)
-        self._count_broken()
-        for mv in added:
-            self._add(mv)
-        if not self.batchers:
-            log.warning("no serveable model under %s", self.settings.models)
-        if self.settings.poll_interval > 0:
-            self._watcher = loop.create_task(self._watch(), name="repository-watch")
+        """Load the models and connect the session store."""
+        await self.models.start()
+        if self.keeper is not None:
+            await self.keeper.start()
+            log.info("sessions are kept in %s (replica %s, --state-sync %s)", self.store.where, self.store.replica,
+                     self.settings.state_sync)
 
-    async def _watch(self) -> None:
-        """Rescan the repository every poll_interval seconds (a timer, not a busy loop)."""
-        while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            try:
-                await self.refresh()
-            except Exception:  # a bad scan must not stop serving what is loaded
-                log.exception("repository scan failed")
+    @property
+    def repo(self) -> Repository | None:
+        """The model repository (for tests and the App's log line)."""
+        return self.models.repo
+
+    @property
+    def batchers(self) -> dict[ModelVersion, Batcher]:
+        """One batcher per loaded version."""
+        return self.models.batchers
+
+    @property
+    def on_models_changed(self) -> list:
+        """Async callables run after a repository scan changed what is served."""
+        return self.models.on_changed
 
     async def refresh(self) -> None:
-        """Load new versions; versions no longer wanted take no new sessions and unload when unused."""
-        added, removed = await asyncio.get_running_loop().run_in_executor(None, self.repo.scan)
-        self._count_broken()
-        for mv in added:
-            self._add(mv)
-        for mv in removed:
-            self.repo.unload(mv)
-            self._retired.add(mv)
-            log.info("retired %s: no new sessions, %d live", mv.key, self.table.sessions_of(mv))
-        if added or removed:
-            for hook in self.on_models_changed:
-                await hook()
-        for mv in list(self._retired):
-            if self.table.sessions_of(mv) == 0:
-                self._retired.discard(mv)
-                b = self.batchers.pop(mv, None)
-                self.table.pools.pop(mv, None)
-                if b is not None:
-                    await b.stop()
-                log.info("unloaded %s", mv.key)
-
-    def _count_broken(self) -> None:
-        if self.metrics is not None:
-            self.metrics.broken_versions(len(self.repo.failed))
-
-    def _add(self, mv: ModelVersion) -> None:
-        b = Batcher(mv, self.table.pool(mv), self.table, self.settings.max_batch,
-                    self.settings.max_wait_ms / 1000.0, self.metrics, self.settings.inline_rows,
-                    self.settings.feed_slice_ms / 1000.0)
-        b.start()
-        self.batchers[mv] = b
+        """Rescan the model repository now."""
+        await self.models.refresh()
 
     @property
     def ready(self) -> bool:
@@ -189,24 +128,21 @@ class Engine:
         for b in self.batchers.values():
             b.cut_all()
 
-    async def stop(self) -> None:
-        """Stop batchers and timers."""
-        if self._watcher is not None:
-            self._watcher.cancel()
+    async def stop(self, started: bool = True) -> None:
+        """Write every session to the store (if any, and if it was reached), then stop batchers and timers."""
+        if self.keeper is not None and started:
+            await self.keeper.stop()
         self.table.stop()
-        for b in self.batchers.values():
-            await b.stop()
+        await self.models.stop()
 
     # -- models ---------------------------------------------------------------------------------------
     def list_models(self) -> list[tuple[ModelVersion, bool]]:
         """Every loaded version with whether it is the latest (the default) of its model."""
-        if self.repo is None:
-            return []
-        return [(mv, self.repo.get(mv.name) is mv) for mv in self.repo.all()]
+        return self.models.list()
 
     def is_latest(self, mv: ModelVersion) -> bool:
         """Whether this version is the one new sessions of its model get (the default)."""
-        return self.repo is not None and self.repo.get(mv.name) is mv
+        return self.models.is_latest(mv)
 
     def versions(self, name: str) -> list[int]:
         """The loaded versions of one model, ascending."""
@@ -214,25 +150,30 @@ class Engine:
 
     def model(self, name: str, version: int = 0) -> ModelVersion:
         """A loaded model version (0 = latest); NOT_FOUND naming what exists."""
-        mv = self.repo.get(name, version) if self.repo else None
-        if mv is None:
-            if not name:
-                raise InvalidArgument("no model named: set the model name")
-            have = ", ".join(f"{m.name}:{m.version}" for m, _ in self.list_models()[:20]) or "none"
-            what = f"model {shown(name)}" + (f" version {version}" if version else "")
-            gone = next((m for m in self._retired if m.name == name and m.version == version), None)
-            if gone is not None:
-                raise NotFound(f"{what} was removed from the repository (or left the --serve-versions "
-                               f"window): it takes no new sessions and only finishes its "
-                               f"{self.table.sessions_of(gone)} live ones (loaded: {have})")
-            raise NotFound(f"{what} is not loaded (loaded: {have})")
-        return mv
+        return self.models.get(name, version)
 
     def stats(self, name: str, version: int = 0) -> dict:
         """The batcher's live numbers for a model version (generating rows, last batch size)."""
         return self.batchers[self.model(name, version)].stats()
 
-    # -- input checks ---------------------------------------------------------------------------------
+    # -- sessions: lookup ---------------------------------------------------------------------------------
+    def _accepting(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down and takes no new work")
+
+    async def _session(self, sid: str) -> Session:
+        """A live session by id: in memory, or restored (or taken over) from the store."""
+        inputs.check_id(sid)
+        if self.keeper is None:
+            return self.table.get(sid)
+        return await self.keeper.get(sid)
+
+    async def _claim(self, sid: str) -> Session:
+        s = await self._session(sid)
+        if s.busy:
+            raise FailedPrecondition(f"session {sid} is busy with another request (a feed or a generation)")
+        return s
+
     def _start_state(self, mv: ModelVersion, initial: str, state) -> np.ndarray:
         if initial == "model":
             return mv.initial_state
@@ -242,45 +183,95 @@ class Engine:
             return inputs.check_state(mv, state if state is not None else [])
         raise InvalidArgument(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
 
-    def _accepting(self) -> None:
-        if self.draining:
-            raise Unavailable("the server is shutting down and takes no new work")
+    def _stepped(self, sessions: list[Session]) -> None:
+        if self.keeper is not None:
+            self.keeper.changed(sessions)
 
-    def _claim(self, sid: str) -> Session:
-        s = self.table.get(inputs.check_id(sid))
-        if s.busy:
-            raise FailedPrecondition(f"session {sid} is busy with another request (a feed or a generation)")
-        return s
+    def _expired(self, s: Session) -> None:
+        if self.keeper is not None:
+            self.keeper.expired(s)
+
+    def _stop_work(self, s: Session) -> None:
+        for g in [g for g in self._generations if g.row.session is s]:
+            self.batchers[s.model].end(g.row, "cancelled")
 
     # -- sessions -------------------------------------------------------------------------------------
-    def open(self, name: str, version: int = 0, initial: str = "model",
-             state: Sequence[float] | np.ndarray | None = None) -> SessionInfo:
+    async def open(self, name: str, version: int = 0, initial: str = "model",
+                   state: Sequence[float] | np.ndarray | None = None, principal: str = "") -> SessionInfo:
         """Open a new session on a model (version 0 = latest) from its own, zero or a given state."""
         self._accepting()
         mv = self.model(name, version)
         start = self._start_state(mv, initial, state)
-        s = self.table.create(mv, start)
+        if self.keeper is not None and self.store.shared:
+            n = await self.keeper._guard(self.store.count())
+            if n >= self.settings.max_sessions:
+                raise ResourceExhausted(f"the service holds its maximum of {self.settings.max_sessions} sessions "
+                                        "(--max-sessions, counted in the shared store); close some or try later")
+        s = self.table.create(mv, start, principal)
+        if self.keeper is not None:
+            try:
+                await self.keeper.created(s)
+            except BaseException:
+                self.table.close(s.id)
+                raise
         return SessionInfo(s.id, mv, 0, False, self.settings.idle_timeout)
 
     async def resume(self, session_id: str, wait: float = RESUME_WAIT_S) -> SessionInfo:
-        """Find a live session by id (NOT_FOUND says unknown, closed or expired).
+        """Find a session by id (NOT_FOUND says unknown, closed or expired), restored or taken over if need be.
 
         Work still running on it from a stream that went away (a long feed) is waited for, up to `wait`
         seconds, so the step count reported is the true one; past that, FAILED_PRECONDITION says so."""
         self._accepting()
-        s = self.table.get(inputs.check_id(session_id))
+        s = await self._session(session_id)
         if s.busy and not await self.table.wait_idle(s, wait):
             raise FailedPrecondition(f"session {s.id} is still busy after {wait:g} s with work sent on an earlier "
                                      f"stream (a long feed); resume again when it is done")
-        s = self.table.get(session_id)  # closed or expired meanwhile: NOT_FOUND
+        s = await self._session(session_id)  # closed, expired or moved meanwhile: looked up again
         return SessionInfo(s.id, s.model, s.steps, True, self.settings.idle_timeout)
 
-    def session_model(self, session_id: str) -> ModelVersion:
-        """The model version a live session runs on."""
-        return self.table.get(inputs.check_id(session_id)).model
+    def attach(self, session_id: str) -> Attachment:
+        """A stream takes hold of a session; a stream that held it before is told to let go."""
+        s = self.table.live[session_id]
+        if s.attached is not None:
+            s.attached.end("the session was resumed on another stream")
+        s.attached = Attachment()
+        return s.attached
+
+    def detach(self, session_id: str, attachment: Attachment) -> None:
+        """A stream let go of a session (it ended): written to the store per --state-sync (in the background)."""
+        s = self.table.live.get(session_id)
+        if s is None or s.attached is not attachment:
+            return
+        s.attached = None
+        if self.keeper is not None:
+            self.keeper.detached(s)
+
+    async def session_model(self, session_id: str) -> ModelVersion:
+        """The model version a session runs on."""
+        return (await self._session(session_id)).model
+
+    def gone_reason(self, session_id: str) -> str | None:
+        """Why a session id is gone here ("was closed", "expired after ..."), if that is remembered."""
+        return self.table.gone_reason(session_id)
+
+    async def alias(self, key: str) -> str | None:
+        """The session an alias (a KServe sequence id) names in the shared store, if any."""
+        if self.keeper is None:
+            return None
+        return await self.keeper._guard(self.store.get_alias(key))
+
+    async def set_alias(self, key: str, session_id: str) -> None:
+        """Point an alias at a session in the store (no-op without a store)."""
+        if self.keeper is not None:
+            await self.keeper._guard(self.store.set_alias(key, session_id, self.settings.idle_timeout))
+
+    async def del_alias(self, key: str, session_id: str) -> None:
+        """Remove an alias from the store if it still names the session."""
+        if self.keeper is not None:
+            await self.keeper._guard(self.store.del_alias(key, session_id))
 
     def has_session(self, session_id: str) -> bool:
-        """Whether a session with this id is live (no NOT_FOUND, no touch of its idle clock)."""
+        """Whether a session with this id is in memory here (no store lookup, no touch of its idle clock)."""
         return session_id in self.table.live
 
     async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
@@ -293,7 +284,7 @@ class Engine:
         self._accepting()
         if output not in OUTPUTS:
             raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
-        s = self._claim(session_id)
+        s = await self._claim(session_id)
         mv = s.model
         top_k = max(0, int(top_k))
         self.check_feed(mv, len(tokens), output, top_k, logits)
@@ -321,12 +312,17 @@ class Engine:
     async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
                     state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
-        info = self.open(name, version, "model" if state is None else "given", state)
-        try:
-            out = await self.feed(info.session_id, tokens, "all", logits=True)
-            return out.logits, self.get_state(info.session_id).state
+        self._accepting()
+        mv = self.model(name, version)
+        ids = inputs.check_tokens(mv, tokens)
+        self.check_feed(mv, len(ids))
+        s = self.table.create(mv, self._start_state(mv, "model" if state is None else "given", state), count=False)
+        try:  # an ephemeral session: not counted against --max-sessions, never listed or stored
+            s.busy = True
+            logits, _ = await self.batchers[mv].feed(s, ids, "all")
+            return logits, s.state
         finally:
-            self.close(info.session_id)
+            self.table.discard(s)
 
     async def generate(self, session_id: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
@@ -347,7 +343,7 @@ class Engine:
             raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
         if any(not st for st in stop):
             raise InvalidArgument("stop strings must not be empty")
-        s = self._claim(session_id)
+        s = await self._claim(session_id)
         if not s.has_logits:
             raise FailedPrecondition(f"session {session_id} has no distribution to sample from yet: "
                                      "feed at least one token first")
@@ -362,30 +358,41 @@ class Engine:
         b.generate(row)
         return gen
 
-    def reset(self, session_id: str, initial: str = "model",
-              state: Sequence[float] | np.ndarray | None = None) -> int:
+    async def reset(self, session_id: str, initial: str = "model",
+                    state: Sequence[float] | np.ndarray | None = None) -> int:
         """Restart a session from its model's, zero or a given state; forgets the last logits."""
-        s = self._claim(session_id)
+        s = await self._claim(session_id)
         s.set_state(self._start_state(s.model, initial, state))
         s.steps = 0
+        self._stepped([s])
         return 0
 
-    def close(self, session_id: str) -> str:
+    async def close(self, session_id: str) -> str:
         """Close a session (its row is freed; the id answers NOT_FOUND 'was closed' afterwards).
 
         A generation running on it ends at once with reason 'cancelled'."""
-        s = self.table.get(inputs.check_id(session_id))
-        for g in [g for g in self._generations if g.row.session is s]:
-            self.batchers[s.model].end(g.row, "cancelled")
-        return self.table.close(session_id).id
+        s = await self._session(session_id)
+        self._stop_work(s)
+        self.table.close(s.id)
+        if self.keeper is not None:
+            await self.keeper.closed(s)
+        return s.id
 
-    def get_state(self, session_id: str) -> StateView:
-        """A copy of a session's state vector."""
-        s = self.table.get(inputs.check_id(session_id))
-        return StateView(s.id, s.model, s.state, s.steps)
+    async def get_state(self, session_id: str) -> StateView:
+        """A copy of a session's state vector, step count and last logits."""
+        s = await self._session(session_id)
+        return StateView(s.id, s.model, s.state, s.steps, s.logits)
 
-    def set_state(self, session_id: str, state: Sequence[float] | np.ndarray) -> StateView:
-        """Overwrite a session's state (import / migrate); its last logits are cleared."""
-        s = self._claim(session_id)
-        s.set_state(inputs.check_state(s.model, state))
-        return StateView(s.id, s.model, s.state, s.steps)
+    async def set_state(self, session_id: str, state: Sequence[float] | np.ndarray,
+                        logits: Sequence[float] | np.ndarray | None = None, steps: int | None = None) -> StateView:
+        """Overwrite a session's state (import / migrate). Its last logits are cleared, or set to `logits`
+        (so it can generate at once), and its step count is kept, or set to `steps`."""
+        s = await self._claim(session_id)
+        vec = inputs.check_state(s.model, state)
+        dist = None if logits is None else inputs.check_logits(s.model, logits)
+        s.set_state(vec)
+        s.set_logits(dist)
+        if steps is not None:
+            s.steps = int(steps)
+        self._stepped([s])
+        return StateView(s.id, s.model, s.state, s.steps, s.logits)

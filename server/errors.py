@@ -56,3 +56,9 @@ class Unavailable(ServeError):
     """The server is draining for shutdown and takes no new work."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Aborted(ServeError):
+    """The session left this stream: resumed on another stream, or moved to another replica."""
+
+    code = grpc.StatusCode.ABORTED

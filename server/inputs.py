@@ -60,6 +60,17 @@ def check_state(mv: ModelVersion, state: Sequence[float] | np.ndarray) -> np.nda
     return arr
 
 
+def check_logits(mv: ModelVersion, logits: Sequence[float] | np.ndarray) -> np.ndarray:
+    """A distribution's logits -> (V,) float32; INVALID_ARGUMENT on a wrong length or non-finite values."""
+    with np.errstate(over="ignore"):
+        arr = np.asarray(logits, dtype=np.float32).reshape(-1)
+    if arr.shape[0] != mv.vocab_size:
+        raise InvalidArgument(f"logits have length {arr.shape[0]}, {mv.key} has a vocabulary of {mv.vocab_size}")
+    if not np.isfinite(arr).all():
+        raise InvalidArgument("logits contain NaN or infinite values (or values beyond float32's range)")
+    return arr
+
+
 def check_feed_size(n: int, limit: int) -> None:
     """RESOURCE_EXHAUSTED for a feed longer than --max-feed-tokens."""
     if n > limit:

@@ -10,6 +10,7 @@ import threading
 
 from .app import App
 from .settings import Settings, parse
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 EXIT_MARGIN_S = 1.0  # the process is gone at most this long after --grace, whatever is still running
@@ -27,9 +28,9 @@ async def serve(settings: Settings) -> int:
     app = App(settings)
     try:
         await app.start()
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, StoreUnavailable) as e:
         log.error("cannot start: %s", e)
-        await app.engine.stop()
+        await app.engine.stop(started=False)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """The native rnnserve.v1 servicer: translates messages to engine calls and ServeErrors to status codes."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -9,12 +10,27 @@ import numpy as np
 
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc as pb_grpc
-from .engine import Engine, FeedResult
-from .errors import FailedPrecondition, InvalidArgument, ServeError
+from .engine import Engine
+from .errors import Aborted, FailedPrecondition, InvalidArgument, ServeError
 from .repository import ModelVersion
 from .sampling import top_k as sample_top_k
+from .work import FeedResult
 
 log = logging.getLogger(__name__)
+
+async def _next(requests: AsyncIterator[pb.SessionRequest], hold) -> pb.SessionRequest | None:
+    """The stream's next request (None at its end), unless its session leaves it first: then ABORTED."""
+    nxt = asyncio.ensure_future(anext(requests))
+    if hold is not None:
+        await asyncio.wait((nxt, hold.ended), return_when=asyncio.FIRST_COMPLETED)
+        if not nxt.done():
+            nxt.cancel()
+            raise Aborted(f"{hold.ended.result()}: this stream no longer holds it (resume it to continue)")
+    try:
+        return await nxt
+    except StopAsyncIteration:
+        return None
+
 
 _INITIAL = {pb.INITIAL_STATE_MODEL: "model", pb.INITIAL_STATE_ZEROS: "zeros", pb.INITIAL_STATE_GIVEN: "given"}
 
@@ -75,8 +91,8 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     def _latest(self, mv: ModelVersion) -> bool:
         return self.engine.is_latest(mv)
 
-    def _open(self, o: pb.Open):
-        return self.engine.open(o.model.name, o.model.version, *_start(o.initial, o.state))
+    async def _open(self, o: pb.Open):
+        return await self.engine.open(o.model.name, o.model.version, *_start(o.initial, o.state))
 
     async def _feed(self, sid: str, f: pb.Feed) -> pb.FeedResult:
         if f.output not in _OUTPUT:
@@ -92,42 +108,49 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     # -- the session stream ---------------------------------------------------------------------------
     async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionResponse]:
-        """One stream: open/resume, then feed/generate/reset/close; errors answer in-stream."""
-        sid = ""
-        async for req in request_iterator:
-            rid = req.request_id
-            kind = req.WhichOneof("kind")
-            try:
-                if kind == "open":
-                    info = self._open(req.open)
-                    sid = info.session_id
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
-                elif kind == "resume":
-                    info = await self.engine.resume(req.resume.session_id)
-                    sid = info.session_id
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
-                elif kind is None:
-                    raise InvalidArgument("empty request: set one of open, resume, feed, generate, reset, close")
-                elif not sid:
-                    raise FailedPrecondition(f"no session on this stream yet: the first message must be open "
-                                             f"or resume, got {kind}")
-                elif kind == "feed":
-                    fed = await self._feed(sid, req.feed)
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, fed=fed)
-                elif kind == "generate":
-                    async for resp in self._generate(sid, rid, req.generate):
-                        yield resp
-                elif kind == "reset":
-                    steps = self.engine.reset(sid, *_start(req.reset.initial, req.reset.state))
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, reset=pb.ResetDone(steps=steps))
-                elif kind == "close":
-                    self.engine.close(sid)
-                    yield pb.SessionResponse(session_id=sid, request_id=rid, closed=pb.Closed(session_id=sid))
-                    sid = ""
-            except ServeError as e:
-                self._count(e)
-                yield pb.SessionResponse(session_id=sid, request_id=rid,
-                                         error=pb.Error(code=e.code.value[0], message=e.message))
+        """One stream: open/resume, then feed/generate/reset/close; errors answer in-stream. The stream holds
+        its session: resumed on another stream or moved to another replica, it ends here with ABORTED."""
+        sid, hold = "", None
+        requests = aiter(request_iterator)
+        try:
+            while (req := await _next(requests, hold)) is not None:
+                rid = req.request_id
+                kind = req.WhichOneof("kind")
+                try:
+                    if kind in ("open", "resume"):
+                        if kind == "open":
+                            info = await self._open(req.open)
+                        else:
+                            info = await self.engine.resume(req.resume.session_id)
+                        if hold is not None:
+                            self.engine.detach(sid, hold)
+                        sid, hold = info.session_id, self.engine.attach(info.session_id)
+                        yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
+                    elif kind is None:
+                        raise InvalidArgument("empty request: set one of open, resume, feed, generate, reset, close")
+                    elif not sid:
+                        raise FailedPrecondition(f"no session on this stream yet: the first message must be open "
+                                                 f"or resume, got {kind}")
+                    elif kind == "feed":
+                        fed = await self._feed(sid, req.feed)
+                        yield pb.SessionResponse(session_id=sid, request_id=rid, fed=fed)
+                    elif kind == "generate":
+                        async for resp in self._generate(sid, rid, req.generate):
+                            yield resp
+                    elif kind == "reset":
+                        steps = await self.engine.reset(sid, *_start(req.reset.initial, req.reset.state))
+                        yield pb.SessionResponse(session_id=sid, request_id=rid, reset=pb.ResetDone(steps=steps))
+                    elif kind == "close":
+                        await self.engine.close(sid)
+                        yield pb.SessionResponse(session_id=sid, request_id=rid, closed=pb.Closed(session_id=sid))
+                        sid, hold = "", None
+                except ServeError as e:
+                    self._count(e)
+                    yield pb.SessionResponse(session_id=sid, request_id=rid,
+                                             error=pb.Error(code=e.code.value[0], message=e.message))
+        finally:
+            if hold is not None:
+                self.engine.detach(sid, hold)
 
     async def _generate(self, sid: str, rid: int, g: pb.Generate) -> AsyncIterator[pb.SessionResponse]:
         gen = await self.engine.generate(sid, g.max_tokens, g.temperature, g.top_k, g.top_p,
@@ -144,7 +167,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     # -- unary (a ServeError becomes the call's status in the ErrorInterceptor) ---------------------------
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.Opened:
         """Open a session without a stream."""
-        return self._opened(self._open(request.open))
+        return self._opened(await self._open(request.open))
 
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
         """One feed on a session by id."""
@@ -152,19 +175,22 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
     def _state(self, v) -> pb.StateResponse:
         return pb.StateResponse(session_id=v.session_id, model=pb.ModelRef(name=v.model.name,
-                                version=v.model.version), state=v.state.tolist(), steps=v.steps)
+                                version=v.model.version), state=v.state.tolist(), steps=v.steps,
+                                logits=[] if v.logits is None else v.logits.tolist())
 
     async def GetState(self, request: pb.GetStateRequest, context) -> pb.StateResponse:
-        """Export a session's state vector."""
-        return self._state(self.engine.get_state(request.session_id))
+        """Export a session: state vector, step count and last logits."""
+        return self._state(await self.engine.get_state(request.session_id))
 
     async def SetState(self, request: pb.SetStateRequest, context) -> pb.StateResponse:
-        """Import a state vector into a session."""
-        return self._state(self.engine.set_state(request.session_id, list(request.state)))
+        """Import a state vector (and the last logits and step count, when given) into a session."""
+        return self._state(await self.engine.set_state(
+            request.session_id, list(request.state), list(request.logits) if len(request.logits) else None,
+            request.steps if request.HasField("steps") else None))
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.Closed:
         """Close a session by id."""
-        return pb.Closed(session_id=self.engine.close(request.session_id))
+        return pb.Closed(session_id=await self.engine.close(request.session_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         """Every loaded version with its metadata."""

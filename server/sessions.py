@@ -55,13 +55,32 @@ class StatePool:
         self.used -= 1
 
 
+class Attachment:
+    """A stream's hold on a session: `ended` gets the reason when the session leaves the stream (resumed on
+    another stream, or moved to another replica), and the stream then ends with ABORTED."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self) -> None:
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def end(self, why: str) -> None:
+        """Tell the stream to let go, with why."""
+        if not self.ended.done():
+            self.ended.set_result(why)
+
+
 class Session:
     """One client sequence: where its state lives and its bookkeeping (no arrays of its own)."""
 
-    __slots__ = ("_heaped", "_idle", "busy", "closed", "deadline", "id", "model", "pool", "row", "steps")
+    __slots__ = ("_heaped", "_idle", "attached", "busy", "closed", "deadline", "epoch", "id", "model", "pool",
+                 "principal", "row", "steps")
 
-    def __init__(self, sid: str, pool: StatePool, row: int) -> None:
+    def __init__(self, sid: str, pool: StatePool, row: int, principal: str = "") -> None:
         self.id = sid
+        self.principal = principal  # who opened it ("" without authentication)
+        self.epoch = 0  # its claim in the session store (0: no store)
+        self.attached: Attachment | None = None  # the stream it is attached to, if any
         self.pool = pool
         self.model = pool.model
         self.row = row
@@ -87,12 +106,26 @@ class Session:
         """Whether a step has produced a distribution to sample from."""
         return bool(self.pool.has_logits[self.row])
 
+    @property
+    def logits(self) -> np.ndarray | None:
+        """The last step's logits, a copy (V,), or None before the first feed."""
+        return self.pool.logits[self.row].copy() if self.has_logits else None
+
+    def set_logits(self, logits: np.ndarray | None) -> None:
+        """Overwrite the last distribution (None: forget it)."""
+        if logits is None:
+            self.pool.has_logits[self.row] = False
+        else:
+            self.pool.logits[self.row] = logits
+            self.pool.has_logits[self.row] = True
+
 
 class SessionTable:
     """Creates, finds, closes and expires sessions; expiry is one timer armed at the earliest deadline."""
 
     def __init__(self, max_sessions: int, idle_timeout: float,
-                 on_change: Callable[[int], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None,
+                 on_expire: Callable[[Session], None] | None = None) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.live: dict[str, Session] = {}
@@ -102,6 +135,7 @@ class SessionTable:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._on_change = on_change or (lambda n: None)
+        self._on_expire = on_expire or (lambda s: None)
 
     def __len__(self) -> int:
         return len(self.live)
@@ -113,20 +147,49 @@ class SessionTable:
             p = self.pools[model] = StatePool(model)
         return p
 
-    def create(self, model: ModelVersion, state: np.ndarray) -> Session:
-        """A new session starting from `state` (S,); RESOURCE_EXHAUSTED past the cap."""
-        if len(self.live) >= self.max_sessions:
+    def create(self, model: ModelVersion, state: np.ndarray, principal: str = "", count: bool = True) -> Session:
+        """A new session starting from `state` (S,); RESOURCE_EXHAUSTED past the cap.
+
+        count=False: an ephemeral session (a stateless request) that neither counts against the cap nor
+        is listed; the caller closes it with `discard`."""
+        if count and len(self.live) >= self.max_sessions:
             raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} live sessions; "
                                     "close some or try later")
+        return self.adopt(secrets.token_urlsafe(16), model, state, principal=principal, listed=count)  # 128 bits
+
+    def adopt(self, sid: str, model: ModelVersion, state: np.ndarray, logits: np.ndarray | None = None,
+              steps: int = 0, principal: str = "", epoch: int = 0, listed: bool = True) -> Session:
+        """Put a session in memory with a given id and content (a new one, or one restored from the store)."""
         pool = self.pool(model)
         row = pool.alloc()
         pool.states[row] = state
-        sid = secrets.token_urlsafe(16)  # 128 random bits
-        s = Session(sid, pool, row)
-        self.live[sid] = s
-        self.touch(s)
-        self._on_change(len(self.live))
+        if logits is not None:
+            pool.logits[row] = logits
+            pool.has_logits[row] = True
+        s = Session(sid, pool, row, principal)
+        s.steps, s.epoch = steps, epoch
+        if listed:
+            self.live[sid] = s
+            self._gone.pop(sid, None)
+            self.touch(s)
+            self._on_change(len(self.live))
         return s
+
+    def discard(self, s: Session) -> None:
+        """Free an ephemeral session (one created with count=False)."""
+        s.closed = True
+        if not s.busy and s.row >= 0:
+            s.pool.release(s.row)
+            s.row = -1
+
+    def forget(self, s: Session) -> None:
+        """Let a session go from memory without a tombstone (it lives on elsewhere: another replica has it)."""
+        self.live.pop(s.id, None)
+        s.closed = True
+        if not s.busy and s.row >= 0:
+            s.pool.release(s.row)
+            s.row = -1
+        self._on_change(len(self.live))
 
     def get(self, sid: str) -> Session:
         """The live session with this id, or NOT_FOUND saying whether it was closed, expired or never seen."""
@@ -138,6 +201,10 @@ class SessionTable:
         if why is not None:
             raise NotFound(f"session {sid} {why}")
         raise NotFound(f"session {shown(sid)} is unknown (never opened here, or forgotten)")
+
+    def gone_reason(self, sid: str) -> str | None:
+        """Why a session id is gone ("was closed", "expired after ..."), if this table remembers it."""
+        return self._gone.get(sid)
 
     def close(self, sid: str) -> Session:
         """Close a session: its row is freed now, or when its in-flight operation ends."""
@@ -228,6 +295,7 @@ class SessionTable:
                 heapq.heappush(self._heap, (s.deadline, next(self._seq), s))
                 continue
             self._drop(s, f"expired after {self.idle_timeout:g} s idle")
+            self._on_expire(s)
             expired += 1
         if expired:
             log.info("expired %d idle session(s)", expired)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ class Settings:
     feed_slice_ms: float = 2.0  # target onnxruntime time of one iteration's share of multi-token feeds
     max_feed_tokens: int = 262_144  # most tokens of one feed or KServe request
     max_inflight_tokens: int = 4_194_304  # most tokens of all feeds queued or running at once
+    session_store: str = "sqlite"  # memory | sqlite (a file in state_dir) | redis://HOST:PORT/DB
+    state_dir: Path = Path("rnnserve-state")  # the sqlite store's folder
+    state_sync: str = "step"  # step | detach | an interval such as 200ms
+    replica_id: str = ""  # this process's id in a shared store ("" = from the state folder, or random)
     log_level: str = "INFO"
 
     @property
@@ -68,6 +73,11 @@ _FLAGS: list[tuple[str, str, type, str]] = [
      "long feeds run in slices of about this many ms of onnxruntime time, between other sessions' steps"),
     ("--max-feed-tokens", "max_feed_tokens", int, "most tokens in one feed or KServe request"),
     ("--max-inflight-tokens", "max_inflight_tokens", int, "most tokens of all feeds queued or running at once"),
+    ("--session-store", "session_store", str,
+     "where sessions live between requests: memory, sqlite (a file in --state-dir) or redis://HOST:PORT/DB"),
+    ("--state-dir", "state_dir", Path, "folder of the sqlite session store"),
+    ("--state-sync", "state_sync", str, "when sessions are written: step, detach, or an interval such as 200ms"),
+    ("--replica-id", "replica_id", str, "this server's id in a shared store (default: random per process)"),
     ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
 
@@ -84,6 +94,27 @@ def _versions(value: str) -> int:
     if n < 1:
         raise ValueError(f"--serve-versions must be 'all' or >= 1, got {value!r}")
     return n
+
+
+def parse_policy(text: str) -> float | str:
+    """--state-sync: 'step', 'detach', or an interval like '250ms' / '2s' (seconds, as a float)."""
+    t = text.strip().lower()
+    if t in ("step", "detach"):
+        return t
+    try:
+        if t.endswith("ms"):
+            value = float(t[:-2]) / 1000.0
+        elif t.endswith("s"):
+            value = float(t[:-1])
+        else:
+            raise ValueError(t)
+    except ValueError:
+        raise ValueError(f"--state-sync must be step, detach or an interval such as 200ms or 2s, got {text!r}") from None
+    if not 0 < value < 3600:
+        raise ValueError(f"--state-sync interval must be between 0 and 1 hour, got {text!r}")
+    return value
+
+
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
@@ -115,6 +146,16 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         values[dest] = raw
     s = Settings(**values)  # type: ignore[arg-type]
     problems = []
+    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "feed_slice_ms"):
+        if not math.isfinite(getattr(s, name)):
+            problems.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
+    if s.session_store not in ("memory", "sqlite") and not s.session_store.startswith(
+            ("redis://", "rediss://", "unix://")):
+        problems.append(f"--session-store must be memory, sqlite or redis://HOST:PORT/DB, got {s.session_store!r}")
+    try:
+        parse_policy(s.state_sync)
+    except ValueError as e:
+        problems.append(str(e))
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
     for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens",

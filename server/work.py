@@ -1,5 +1,6 @@
-"""The units of work the engine hands the batcher and the batcher hands back: feeds, generating rows,
-generated chunks, one iteration's plan. Shared by engine.py and batcher.py, so neither reaches into the other.
+"""The units of work the engine hands the batcher and the batcher hands back (feeds, generating rows,
+generated chunks, one iteration's plan), and what the engine answers its callers with. Shared by
+engine.py, batcher.py and the servicers, so none reaches into another.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .repository import ModelVersion
 from .sessions import Session
 
 
@@ -94,3 +96,35 @@ class Plan:
         none = np.zeros(0, np.int64)
         return [Plan(self.feeds1, self.rows, [], self.step_rows, self.step_tok, self.step_state, []),
                 Plan([], [], self.seqs, none, none, None, self.seq_in)]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What open/resume return."""
+
+    session_id: str
+    model: ModelVersion
+    steps: int
+    resumed: bool
+    idle_timeout_s: float
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    """What feed returns: tokens consumed, logits (n, V) per `output` (None for "none"), total steps."""
+
+    fed: int
+    logits: np.ndarray | None
+    steps: int
+    top: tuple[np.ndarray, np.ndarray] | None = None  # (n, >= top_k) ids, probs when feed asked top_k
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A session's state vector (S,) float32 with its model, step count and last logits (V,) if any."""
+
+    session_id: str
+    model: ModelVersion
+    state: np.ndarray
+    steps: int
+    logits: np.ndarray | None = None

@@ -28,7 +28,8 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     log = (work / "server.log").open("wb")
     proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--host", "127.0.0.1",
                              "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
-                             "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
+                             "--state-dir", str(work / "state"), "--port-file", str(port_file)],
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not port_file.exists():  # the server writes it once serving
         assert proc.poll() is None, (work / "server.log").read_text()

@@ -195,6 +195,7 @@ def test_server_service_structure():
     assert published == {env["RNNSERVE_PORT"]: "8001", env["RNNSERVE_METRICS_PORT"]: "8002"}
     assert "models:/models" in s["volumes"] and env["RNNSERVE_MODELS"] == "/models"
     assert "models" in c["volumes"]
+    assert "state:/state" in s["volumes"] and env["RNNSERVE_STATE_DIR"] == "/state" and "state" in c["volumes"]
     hc = s["healthcheck"]
     assert hc["test"][:2] == ["CMD", "rnn-health"], hc["test"]
     assert env["RNNSERVE_HEALTH_TARGET"] == f"127.0.0.1:{env['RNNSERVE_PORT']}"
@@ -218,7 +219,7 @@ def test_server_environment_is_the_settings_contract():
     assert (parsed.models, parsed.port, parsed.metrics_port, parsed.device) == (Path("/models"), 8001, 8002, "cpu")
     raw = load_yaml(COMPOSE)["services"]["server"]["environment"]
     fixed = {"RNNSERVE_MODELS", "RNNSERVE_HOST", "RNNSERVE_PORT", "RNNSERVE_METRICS_PORT", "RNNSERVE_GRACE",
-             "RNNSERVE_DEVICE"} | PROBE_ENV
+             "RNNSERVE_DEVICE", "RNNSERVE_STATE_DIR"} | PROBE_ENV
     restated = {k: v for k, v in raw.items() if k not in fixed and v != f"${{{k}:-}}"}
     assert not restated, f"tuning knobs pass through (empty = rnn-serve's default), never restate it: {restated}"
     defaults = settings.Settings()
@@ -467,7 +468,7 @@ def test_server_image_commands_live(image_venv, tmp_path, request):
     env.update(server["environment"])
     port_file = tmp_path / "port.json"
     env.update(RNNSERVE_MODELS=str(models), RNNSERVE_HOST="127.0.0.1", RNNSERVE_PORT="0",
-               RNNSERVE_METRICS_PORT="0", RNNSERVE_PORT_FILE=str(port_file))
+               RNNSERVE_METRICS_PORT="0", RNNSERVE_PORT_FILE=str(port_file), RNNSERVE_STATE_DIR=str(tmp_path / "state"))
     entrypoint = json.loads(dict(stages(SERVER_DF)["runtime"])["ENTRYPOINT"])
     log = tmp_path / "server.log"
     with log.open("w") as out:

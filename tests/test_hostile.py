@@ -33,7 +33,8 @@ IA, NF, FP, RE, UN = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUN
 
 
 def serving(repo: Path, **kw):
-    s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0), **kw)
+    s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0,
+                                     session_store="memory"), **kw)
     return started(App(s))
 
 
@@ -306,7 +307,8 @@ def test_grace_is_a_deadline_even_during_a_long_feed(tmp_path: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.Popen([str(exe), "--models", str(SHIPPED), "--host", "127.0.0.1", "--port", "0",
                                  "--metrics-port", "-1", "--poll-interval", "0", "--grace", "1",
-                                 "--feed-slice-ms", "50", "--port-file", str(port_file)], stdout=out, stderr=out)
+                                 "--feed-slice-ms", "50", "--state-dir", str(tmp_path / "state"),
+                                 "--port-file", str(port_file)], stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():

@@ -100,7 +100,7 @@ class Served:
 
     def __init__(self, repo: Path, **kw) -> None:
         settings = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1,
-                                                poll_interval=0), **kw)
+                                                poll_interval=0, session_store="memory"), **kw)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

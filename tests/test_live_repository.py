@@ -75,7 +75,7 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(repo: Path, *flags: str):
     """Settings through the real flag parser, on 127.0.0.1 port 0 with no metrics port."""
     return parse(["--models", str(repo), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-                  "--poll-interval", str(POLL), *flags], {})
+                  "--poll-interval", str(POLL), "--session-store", "memory", *flags], {})
 
 
 @asynccontextmanager
@@ -275,7 +275,7 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, t
             assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].steps == 3 + 2 + 3 + 40
             assert any(mv.key == "live:3" for mv in app.engine.batchers), "unloaded under a live session"
 
-            with caplog.at_level(logging.INFO, logger="rnnserve.server.engine"):
+            with caplog.at_level(logging.INFO, logger="rnnserve.server.models"):
                 await st.send(close=pb.Close())
                 await st.end()
                 # the log line, not the batcher table: the engine drops the batcher, then awaits its stop, then logs
@@ -491,7 +491,7 @@ def test_rnn_export_list_and_the_server_agree_on_usable_versions_and_the_default
     assert [v for v, r in rows.items() if r["default"]] == [1]
 
     async def main() -> None:
-        async with serving(repo, "--serve-versions", "all") as (app, ch, stub):
+        async with serving(repo, "--serve-versions", "all") as (app, _ch, stub):
             assert await listed(stub) == {("live", 1): True}  # 2 and 3 refused: 1 is the default
             assert sorted(p.name for p in app.engine.repo.failed) == ["2", "3"]
 

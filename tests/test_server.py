@@ -28,7 +28,8 @@ IA, NF, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 @asynccontextmanager
 async def serving(repo: Path, **kw):
     """An App on an ephemeral port with a channel and stub to it."""
-    s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0), **kw)
+    s = dataclasses.replace(Settings(models=repo, host="127.0.0.1", port=0, metrics_port=-1, poll_interval=0,
+                                     session_store="memory"), **kw)
     app = App(s)
     async with started(app) as running:
         yield running

@@ -56,7 +56,8 @@ def test_sigterm_drains_a_generation_and_exits_zero(tiny_repo: Path, tmp_path: P
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--host", "127.0.0.1",
                              "--port", "0", "--metrics-port", "-1", "--poll-interval", "0", "--grace", "1",
-                             "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
+                             "--state-dir", str(tmp_path / "state"), "--port-file", str(port_file)],
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():

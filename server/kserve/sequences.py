@@ -44,6 +44,12 @@ def describe(key: Key) -> str:
     return f"sequence id {shown(key[1])} of model {shown(key[0])}"
 
 
+def _alias(key: Key) -> str:
+    """The store's name for a sequence id (typed, so 7 and "7" stay apart)."""
+    kind = "s" if isinstance(key[1], str) else "i"
+    return f"kserve/{key[0]}/{kind}:{key[1]}"
+
+
 def _size(key: Key, why: str) -> int:
     return len(key[0]) + (len(key[1]) if isinstance(key[1], str) else 8) + len(why) + 64
 
@@ -82,20 +88,21 @@ class Sequences:
                     want_state: bool) -> Step:
         eng = self.engine
         restarted = False
-        sid = self.live.get(key)
+        sid = self.live.get(key) or await eng.alias(_alias(key))  # here, or in the shared store
         if seq.start:
             mv = eng.model(name, version)
             tokens = tokens_of(mv)  # validate before touching the old session
             if sid is not None:
                 try:
-                    eng.close(sid)
+                    await eng.close(sid)
                     restarted = True
                     log.info("%s restarted by sequence_start while live (old session closed)", describe(key))
                 except NotFound:
                     pass  # expired meanwhile: a plain start
-                del self.live[key]
-            sid = eng.open(name, mv.version).session_id
+                self.live.pop(key, None)
+            sid = (await eng.open(name, mv.version)).session_id
             self.live[key] = sid
+            await eng.set_alias(_alias(key), sid)
             old = self.gone.pop(key, None)
             if old is not None:
                 self._gone_bytes -= _size(key, old[0])
@@ -104,7 +111,8 @@ class Sequences:
         else:
             if sid is None:
                 raise NotFound(self.why_gone(key))
-            mv = self._session_model(key, sid)
+            self.live[key] = sid
+            mv = await self._session_model(key, sid)
             if version and version != mv.version:
                 raise InvalidArgument(f"{describe(key)} runs on version {mv.version}; this request asks for "
                                       f"version {version} (leave model_version empty, or start a new sequence)")
@@ -114,9 +122,10 @@ class Sequences:
         except NotFound as e:  # expired or closed between the lookup and the feed
             self._forget(key, sid, e)
             raise NotFound(self.why_gone(key)) from None
-        state = eng.get_state(sid).state if want_state else None
+        state = (await eng.get_state(sid)).state if want_state else None
         if seq.end:
-            eng.close(sid)
+            await eng.close(sid)
+            await eng.del_alias(_alias(key), sid)
             self.live.pop(key, None)
             self._bury(key, "was ended by a request with sequence_end")
         return Step(mv, out.logits, state, restarted, sid if seq.start else "")
@@ -128,9 +137,9 @@ class Sequences:
         return Step(mv, logits, state if want_state else None)
 
     # -- gone ids ------------------------------------------------------------------------------------
-    def _session_model(self, key: Key, sid: str) -> ModelVersion:
+    async def _session_model(self, key: Key, sid: str) -> ModelVersion:
         try:
-            return self.engine.session_model(sid)
+            return await self.engine.session_model(sid)
         except NotFound as e:
             self._forget(key, sid, e)
             raise NotFound(self.why_gone(key)) from None
@@ -169,8 +178,6 @@ class Sequences:
         """Drop entries whose session the engine expired under us (amortized: runs when the table doubles)."""
         for key, sid in list(self.live.items()):
             if not self.engine.has_session(sid):
-                try:
-                    self.engine.session_model(sid)
-                except NotFound as e:
-                    self._forget(key, sid, e)
+                why = self.engine.gone_reason(sid) or "is no longer held here"
+                self._forget(key, sid, NotFound(f"session {sid} {why}"))
         self._sweep_at = max(SWEEP_FLOOR, 2 * len(self.live))

@@ -274,24 +274,30 @@ class GetStateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SetStateRequest(_message.Message):
-    __slots__ = ("session_id", "state")
+    __slots__ = ("session_id", "state", "logits", "steps")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Iterable[float]] = ...) -> None: ...
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    steps: int
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Iterable[float]] = ..., logits: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class StateResponse(_message.Message):
-    __slots__ = ("session_id", "model", "state", "steps")
+    __slots__ = ("session_id", "model", "state", "steps", "logits")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     state: _containers.RepeatedScalarFieldContainer[float]
     steps: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., state: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ...) -> None: ...
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., state: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

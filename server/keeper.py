@@ -1,0 +1,226 @@
+"""The session keeper: writes sessions to the store as --state-sync says, restores them on first use,
+and hands them over between replicas without split brain.
+
+- Write policies: `step` writes the sessions each batcher iteration moved on (write-behind: answers
+  are not held back, so a kill -9 loses at most the writes still queued); `<N>ms` writes the sessions
+  changed in the last N ms (a kill loses at most N ms of steps); `detach` writes a session when its
+  stream ends, and every session on shutdown. SIGTERM always writes and releases every session.
+- Restore: a session not in memory is claimed from the store on first use (no scan at start, so a
+  restart with 100k sessions in the store starts at once).
+- Hand-over: a replica asked to release a session ends its generation, waits for the step under way,
+  writes it, releases it (so the asker's claim succeeds at once) and ends the session's stream with
+  ABORTED. A write refused for a stale epoch means another replica took the session: it leaves memory here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .errors import FailedPrecondition, NotFound, ServeError, Unavailable
+from .repository import ModelVersion
+from .sessions import Session, SessionTable
+from .store import Record, RecordError, SessionStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+MOVED = "session moved to another replica"
+TAKEOVER_WAIT_S = 5.0  # how long a claim waits for a live holder to hand a session over
+HANDOVER_IDLE_S = 5.0  # how long a holder waits for the step under way before it releases anyway
+
+
+class Keeper:
+    """Between the session table (memory) and the session store."""
+
+    def __init__(self, store: SessionStore, table: SessionTable, policy: float | str, idle_timeout: float,
+                 model_of: Callable[[str, int], ModelVersion], stop_work: Callable[[Session], None]) -> None:
+        self.store = store
+        self.table = table
+        self.policy = policy
+        self.idle_timeout = idle_timeout
+        self.model_of = model_of  # (name, version) -> a loaded version, NotFound otherwise
+        self.stop_work = stop_work  # end a session's generation now (a hand-over)
+        self.dirty: set[Session] = set()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._restoring: dict[str, asyncio.Future] = {}
+        self._flusher: asyncio.Task | None = None
+        self.writes = 0  # records written (for the benches)
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect the store and start the write-behind task."""
+        await self.store.start(self._release_requested)
+        if self.policy != "detach":
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="session-writer")
+
+    async def stop(self) -> None:
+        """Shutdown: write and release every session in memory, then disconnect."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        sessions = list(self.table.live.values())
+        try:
+            refused = await self.store.save([(self.record(s), s.epoch) for s in sessions])
+            for s in sessions:
+                if s.id not in refused:
+                    await self.store.release(s.id, s.epoch)
+            log.info("wrote and released %d session(s) to %s", len(sessions) - len(refused), self.store.where)
+        except StoreUnavailable as e:
+            log.error("could not write %d session(s) at shutdown: %s", len(sessions), e)
+        for t in list(self._tasks):
+            t.cancel()
+        await self.store.close()
+
+    # -- records ---------------------------------------------------------------------------------------------
+    def record(self, s: Session) -> Record:
+        """A snapshot of a session as the store keeps it."""
+        return Record(s.id, s.model.name, s.model.version, s.state, s.logits, s.steps, s.principal,
+                      self.idle_timeout, time.time())
+
+    async def created(self, s: Session) -> None:
+        """A new session: written at once, held by this replica."""
+        s.epoch = await self._guard(self.store.create(self.record(s)))
+
+    async def closed(self, s: Session) -> None:
+        """A session closed or expired: gone from the store too."""
+        self.dirty.discard(s)
+        try:
+            await self.store.delete(s.id, s.epoch)
+        except StoreUnavailable as e:
+            log.warning("could not delete session %s from the store (it will expire there): %s", s.id, e)
+
+    def expired(self, s: Session) -> None:
+        """The table expired a session (sync callback): delete it in the background."""
+        self._spawn(self.closed(s))
+
+    def changed(self, sessions: list[Session]) -> None:
+        """Sessions whose state moved on (a batch, a reset, an import): written per the policy."""
+        if self.policy == "detach":
+            return
+        self.dirty.update(sessions)
+        if self.policy == "step":
+            self._wake.set()
+
+    def detached(self, s: Session) -> None:
+        """A stream let go of a session: with the detach policy it is written now (in the background)."""
+        if self.policy == "detach" and not s.closed:
+            self._spawn(self._write([s]))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if self.policy == "step":
+                await self._wake.wait()
+                self._wake.clear()
+            else:
+                await asyncio.sleep(float(self.policy))
+            if self.dirty:
+                batch, self.dirty = [s for s in self.dirty if not s.closed], set()
+                try:
+                    await self._write(batch)
+                except StoreUnavailable as e:
+                    log.warning("session writes failing (%d pending, retried): %s", len(batch), e)
+                    self.dirty.update(s for s in batch if not s.closed)
+                    await asyncio.sleep(0.5)
+
+    async def _write(self, sessions: list[Session]) -> None:
+        if not sessions:
+            return
+        refused = await self.store.save([(self.record(s), s.epoch) for s in sessions])
+        self.writes += len(sessions)
+        for sid in refused:
+            s = self.table.live.get(sid)
+            if s is not None:
+                log.warning("session %s was taken over by another replica (its epoch moved on): dropped here", sid)
+                self._let_go(s, MOVED)
+
+    # -- restore and take-over ---------------------------------------------------------------------------------
+    async def get(self, sid: str) -> Session:
+        """The session, from memory or claimed from the store (taken over from a live holder if need be)."""
+        s = self.table.live.get(sid)
+        if s is not None:
+            self.table.touch(s)
+            return s
+        if sid in self.table._gone:  # closed or expired here: the table says which
+            return self.table.get(sid)
+        fut = self._restoring.get(sid)
+        if fut is None:
+            fut = self._restoring[sid] = asyncio.ensure_future(self._restore(sid))
+            fut.add_done_callback(lambda _f: self._restoring.pop(sid, None))
+        return await asyncio.shield(fut)
+
+    async def _restore(self, sid: str) -> Session:
+        end = time.monotonic() + TAKEOVER_WAIT_S
+        asked, pause = "", 0.002
+        while True:
+            claim = await self._guard(self.store.claim(sid))
+            if claim.epoch:
+                return self._adopt(sid, claim.record, claim.epoch)
+            if not claim.found:
+                return self.table.get(sid)  # NOT_FOUND: never opened, closed or expired
+            if claim.holder != asked:
+                await self._guard(self.store.ask_release(sid, claim.holder))
+                asked = claim.holder
+            if time.monotonic() > end:
+                raise Unavailable(f"session {sid} is held by replica {claim.holder}, which did not hand it over "
+                                  f"within {TAKEOVER_WAIT_S:g} s; try again")
+            await asyncio.sleep(pause)
+            pause = min(0.02, pause * 1.5)
+
+    def _adopt(self, sid: str, rec: Record, epoch: int) -> Session:
+        try:
+            mv = self.model_of(rec.model, rec.version)
+        except NotFound:
+            self._spawn(self.store.release(sid, epoch))
+            raise FailedPrecondition(f"session {sid} runs on model {rec.model} version {rec.version}, which this "
+                                     "server does not serve") from None
+        s = self.table.adopt(sid, mv, rec.state, rec.logits, rec.steps, rec.principal, epoch)
+        log.debug("restored session %s (epoch %d, %d steps)", sid, epoch, rec.steps)
+        return s
+
+    def _release_requested(self, sid: str) -> None:
+        self._spawn(self._hand_over(sid))
+
+    async def _hand_over(self, sid: str) -> None:
+        """Another replica wants this session: finish the step under way, write it, release it, let go."""
+        s = self.table.live.get(sid)
+        if s is None:
+            return
+        self.stop_work(s)
+        if s.busy and not await self.table.wait_idle(s, HANDOVER_IDLE_S):
+            log.warning("session %s still busy after %.0f s: released with its last written state", sid,
+                        HANDOVER_IDLE_S)
+            await self.store.release(sid, s.epoch)
+        elif s.id in self.table.live:
+            await self.store.release(sid, s.epoch, self.record(s))
+        self._let_go(s, MOVED)
+
+    def _let_go(self, s: Session, why: str) -> None:
+        """The session now lives elsewhere: out of memory here, its stream told."""
+        self.dirty.discard(s)
+        self.table.forget(s)
+        if s.attached is not None:
+            s.attached.end(why)
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    async def _guard(self, aw):
+        try:
+            return await aw
+        except StoreUnavailable as e:
+            raise Unavailable(f"the session store is unavailable: {e}") from None
+        except RecordError as e:  # damaged, or written by a newer rnnserve: refused, never misread
+            raise FailedPrecondition(f"a stored session cannot be read here: {e}") from None
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            e = t.exception()
+            if isinstance(e, (StoreUnavailable, ServeError)):
+                log.warning("session store task failed: %s", e)
+            else:
+                log.error("session store task failed", exc_info=e)
