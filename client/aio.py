@@ -135,8 +135,8 @@ class AsyncClient:
 
     async def _unary(self, call: core.Call) -> Any:
         try:
-            return call.unpack(await getattr(self._stub, call.method)(call.request, timeout=self.timeout,
-                                                                       metadata=self.metadata))
+            return call.unpack(await getattr(self._stub, call.method)(
+                call.request, timeout=self.timeout, metadata=core.routed(self.metadata, call.session_id)))
         except grpc.RpcError as err:
             raise RnnServeError.from_rpc(err, call.session_id) from None
 
@@ -148,7 +148,7 @@ class AsyncClient:
     async def resume(self, session_id: str) -> AsyncSession:
         """Reattach a streaming session to an existing session id; its state carries on."""
         first = pb.SessionRequest(resume=pb.Resume(session_id=session_id))
-        return await AsyncSession(self._stub.Session(metadata=self.metadata))._start(first)
+        return await AsyncSession(self._stub.Session(metadata=core.routed(self.metadata, session_id)))._start(first)
 
     async def open_session(self, model: str, version: int = 0, initial: Initial = "model") -> pb.Opened:
         """Unary open: returns Opened (session_id, model info)."""

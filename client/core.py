@@ -26,6 +26,8 @@ DEFAULT_OPTIONS = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
 
+ROUTING_HEADER = "x-rnnserve-session"  # a balancer hashes on it, so a session's requests reach one replica
+
 Initial = str | Sequence[float]
 """Where a sequence starts: "model" (the model's own initial state), "zeros", or a state vector."""
 
@@ -50,6 +52,14 @@ class RnnServeError(Exception):
     def from_stream(cls, error: pb.Error, session_id: str = "") -> RnnServeError:
         """Wrap an `error` answer inside a Session stream."""
         return cls(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, session_id)
+
+
+def routed(metadata: Sequence[tuple[str, str]] | None, session_id: str) -> list[tuple[str, str]]:
+    """The call's metadata plus the routing header naming its session (none for a new session)."""
+    out = [(k, v) for k, v in (metadata or ()) if k != ROUTING_HEADER]
+    if session_id:
+        out.append((ROUTING_HEADER, session_id))
+    return out
 
 
 # -- messages -----------------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ class Client:
 
     def _unary(self, call: core.Call) -> Any:
         try:
-            return call.unpack(getattr(self._stub, call.method)(call.request, timeout=self.timeout,
-                                                                 metadata=self.metadata))
+            return call.unpack(getattr(self._stub, call.method)(
+                call.request, timeout=self.timeout, metadata=core.routed(self.metadata, call.session_id)))
         except grpc.RpcError as err:
             raise RnnServeError.from_rpc(err, call.session_id) from None
 
@@ -134,7 +134,8 @@ class Client:
 
     def resume(self, session_id: str) -> Session:
         """Reattach a streaming session to an existing session id; its state carries on."""
-        return Session(self._stub, pb.SessionRequest(resume=pb.Resume(session_id=session_id)), self.metadata)
+        return Session(self._stub, pb.SessionRequest(resume=pb.Resume(session_id=session_id)),
+                       core.routed(self.metadata, session_id))
 
     def open_session(self, model: str, version: int = 0, initial: Initial = "model") -> pb.Opened:
         """Unary open: returns Opened (session_id, model info)."""

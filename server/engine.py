@@ -166,7 +166,12 @@ class Engine:
         inputs.check_id(sid)
         if self.keeper is None:
             return self.table.get(sid)
-        return await self.keeper.get(sid)
+        for _ in range(3):
+            s = await self.keeper.get(sid)
+            if not s.closed:
+                return s
+            self.table.gone_reason(sid) and self.table.get(sid)  # closed here meanwhile: NOT_FOUND saying so
+        raise Unavailable(f"session {sid} is moving between replicas; try again")
 
     async def _claim(self, sid: str) -> Session:
         s = await self._session(sid)
@@ -236,6 +241,21 @@ class Engine:
             s.attached.end("the session was resumed on another stream")
         s.attached = Attachment()
         return s.attached
+
+    def watch(self, session_id: str) -> Attachment | None:
+        """A KServe stream carries a session: it is told (and ends) if the session moves to another replica."""
+        s = self.table.live.get(session_id)
+        if s is None:
+            return None
+        hold = Attachment()
+        s.watchers.add(hold)
+        return hold
+
+    def unwatch(self, session_id: str, hold: Attachment) -> None:
+        """The stream is done with the session."""
+        s = self.table.live.get(session_id)
+        if s is not None:
+            s.watchers.discard(hold)
 
     def detach(self, session_id: str, attachment: Attachment) -> None:
         """A stream let go of a session (it ended): written to the store per --state-sync (in the background)."""

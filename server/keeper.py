@@ -14,11 +14,12 @@ and hands them over between replicas without split brain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
-from .errors import FailedPrecondition, NotFound, ServeError, Unavailable
+from .errors import Aborted, FailedPrecondition, NotFound, ServeError, Unavailable
 from .repository import ModelVersion
 from .sessions import Session, SessionTable
 from .store import Record, RecordError, SessionStore, StoreUnavailable
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 MOVED = "session moved to another replica"
 TAKEOVER_WAIT_S = 5.0  # how long a claim waits for a live holder to hand a session over
 HANDOVER_IDLE_S = 5.0  # how long a holder waits for the step under way before it releases anyway
+ASK_AGAIN_S = 0.5  # a release request is fire-and-forget: repeat it while the holder still holds on
 
 
 class Keeper:
@@ -44,7 +46,7 @@ class Keeper:
         self.dirty: set[Session] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        self._restoring: dict[str, asyncio.Future] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # id -> (lock, how many hold or wait)
         self._flusher: asyncio.Task | None = None
         self.writes = 0  # records written (for the benches)
 
@@ -136,36 +138,70 @@ class Keeper:
 
     # -- restore and take-over ---------------------------------------------------------------------------------
     async def get(self, sid: str) -> Session:
-        """The session, from memory or claimed from the store (taken over from a live holder if need be)."""
+        """The session, from memory or claimed from the store (taken over from a live holder if need be).
+
+        Claims, restores and hand-overs of one id take turns on a per-id lock; a session in memory with no
+        transition under way and a live lease is returned without waiting."""
         s = self.table.live.get(sid)
-        if s is not None:
+        if s is not None and sid not in self._locks and self.store.lease_ok():
             self.table.touch(s)
             return s
-        if sid in self.table._gone:  # closed or expired here: the table says which
-            return self.table.get(sid)
-        fut = self._restoring.get(sid)
-        if fut is None:
-            fut = self._restoring[sid] = asyncio.ensure_future(self._restore(sid))
-            fut.add_done_callback(lambda _f: self._restoring.pop(sid, None))
-        return await asyncio.shield(fut)
+        async with self._lock(sid):
+            s = self.table.live.get(sid)
+            if s is not None:
+                if not self.store.lease_ok():  # our heartbeat may have lapsed: make sure nobody took it meanwhile
+                    await self._verify(s)
+                self.table.touch(s)
+                return s
+            if sid in self.table._gone:  # closed or expired here: the table says which
+                return self.table.get(sid)
+            return await self._restore(sid)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, sid: str):
+        """One transition of a session id at a time (restore, verify, hand-over)."""
+        lock, waiting = self._locks.setdefault(sid, (asyncio.Lock(), [0]))
+        waiting[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            waiting[0] -= 1
+            if not waiting[0]:
+                del self._locks[sid]
 
     async def _restore(self, sid: str) -> Session:
         end = time.monotonic() + TAKEOVER_WAIT_S
-        asked, pause = "", 0.002
+        asked, asked_at, pause = "", 0.0, 0.002
         while True:
             claim = await self._guard(self.store.claim(sid))
             if claim.epoch:
                 return self._adopt(sid, claim.record, claim.epoch)
             if not claim.found:
                 return self.table.get(sid)  # NOT_FOUND: never opened, closed or expired
-            if claim.holder != asked:
+            if claim.holder != asked or time.monotonic() > asked_at + ASK_AGAIN_S:  # requests are not queued
                 await self._guard(self.store.ask_release(sid, claim.holder))
-                asked = claim.holder
+                asked, asked_at = claim.holder, time.monotonic()
             if time.monotonic() > end:
                 raise Unavailable(f"session {sid} is held by replica {claim.holder}, which did not hand it over "
                                   f"within {TAKEOVER_WAIT_S:g} s; try again")
             await asyncio.sleep(pause)
             pause = min(0.02, pause * 1.5)
+
+    async def _verify(self, s: Session) -> None:
+        """Claim a session held in memory again: if no other replica claimed it since ours (the epoch moved
+        on by exactly one) it stays as it is, else the newer holder's state wins (no split brain)."""
+        claim = await self._guard(self.store.claim(s.id))
+        if claim.epoch == s.epoch + 1:
+            s.epoch = claim.epoch
+            return
+        self._let_go(s, MOVED)
+        if claim.epoch:
+            self._adopt(s.id, claim.record, claim.epoch)
+        elif claim.found:
+            await self.store.ask_release(s.id, claim.holder)
+        raise Aborted(f"session {s.id} was taken over by another replica while this one was out of touch; "
+                      "resume it to continue from its newest state")
 
     def _adopt(self, sid: str, rec: Record, epoch: int) -> Session:
         try:
@@ -182,25 +218,35 @@ class Keeper:
         self._spawn(self._hand_over(sid))
 
     async def _hand_over(self, sid: str) -> None:
-        """Another replica wants this session: finish the step under way, write it, release it, let go."""
-        s = self.table.live.get(sid)
-        if s is None:
-            return
-        self.stop_work(s)
-        if s.busy and not await self.table.wait_idle(s, HANDOVER_IDLE_S):
-            log.warning("session %s still busy after %.0f s: released with its last written state", sid,
-                        HANDOVER_IDLE_S)
-            await self.store.release(sid, s.epoch)
-        elif s.id in self.table.live:
-            await self.store.release(sid, s.epoch, self.record(s))
-        self._let_go(s, MOVED)
+        """Another replica wants this session: end its generation, let the step under way finish, write it,
+        release it and let go, all under the id's lock (a local request waits, then claims it back)."""
+        async with self._lock(sid):
+            s = self.table.live.get(sid)
+            if s is None:
+                claim = await self.store.claim(sid)  # ours in the store only (an earlier life of this replica)
+                if claim.epoch:
+                    await self.store.release(sid, claim.epoch)
+                return
+            self.stop_work(s)
+            end = time.monotonic() + HANDOVER_IDLE_S
+            while s.busy and await self.table.wait_idle(s, max(0.0, end - time.monotonic())):
+                pass  # another request may have started while we were woken: wait for it too
+            if s.busy:
+                log.warning("session %s still busy after %.0f s: released with its last written state", sid,
+                            HANDOVER_IDLE_S)
+                await self.store.release(sid, s.epoch)
+            elif sid in self.table.live:
+                await self.store.release(sid, s.epoch, self.record(s))
+            self._let_go(s, MOVED)
 
     def _let_go(self, s: Session, why: str) -> None:
         """The session now lives elsewhere: out of memory here, its stream told."""
         self.dirty.discard(s)
         self.table.forget(s)
-        if s.attached is not None:
-            s.attached.end(why)
+        for hold in [s.attached, *s.watchers]:
+            if hold is not None:
+                hold.end(why)
+        s.watchers.clear()
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     async def _guard(self, aw):

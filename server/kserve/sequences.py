@@ -37,6 +37,7 @@ class Step:
     state: np.ndarray | None  # (S,) when asked for
     restarted: bool = False  # START on an id that was live: the old session was closed
     session_id: str = ""  # the engine session (set on START)
+    held: str = ""  # the engine session the request ran on (unless the sequence ended with it)
 
 
 def describe(key: Key) -> str:
@@ -128,7 +129,7 @@ class Sequences:
             await eng.del_alias(_alias(key), sid)
             self.live.pop(key, None)
             self._bury(key, "was ended by a request with sequence_end")
-        return Step(mv, out.logits, state, restarted, sid if seq.start else "")
+        return Step(mv, out.logits, state, restarted, sid if seq.start else "", "" if seq.end else sid)
 
     async def stateless(self, name: str, version: int, tokens_of, want_state: bool) -> Step:
         """A request without a sequence id: from the model's initial state, nothing kept."""

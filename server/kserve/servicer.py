@@ -16,7 +16,7 @@ import grpc
 
 from .. import inputs
 from ..engine import Engine
-from ..errors import NotFound, ServeError
+from ..errors import Aborted, NotFound, ServeError
 from ..settings import Settings
 from .codec import fill_response, read_sequence, read_tokens, requested_outputs
 from .config import fill_config, fill_metadata, parse_version
@@ -92,8 +92,9 @@ class KServeServicer:
         return resp
 
     # -- inference ------------------------------------------------------------------------------------
-    async def _infer(self, req: Any, resp: Any) -> Any:
-        """Answer one request into resp (a ModelInferResponse); raises ServeError."""
+    async def _infer(self, req: Any, resp: Any) -> str:
+        """Answer one request into resp (a ModelInferResponse); returns the session it ran on ("" if none or
+        ended with it); raises ServeError."""
         seq = read_sequence(req)
         outputs = requested_outputs(req)
         version = parse_version(req.model_version)
@@ -109,7 +110,8 @@ class KServeServicer:
         else:
             key = (req.model_name, seq.id)
             step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
-        return self._response(req, step, outputs, resp)
+        self._response(req, step, outputs, resp)
+        return step.held
 
     @staticmethod
     def _response(req: Any, step: Step, outputs: tuple[str, ...], resp: Any) -> Any:
@@ -123,17 +125,19 @@ class KServeServicer:
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
-        work = asyncio.ensure_future(self._infer(request, self.pb.ModelInferResponse()))
+        resp = self.pb.ModelInferResponse()
+        work = asyncio.ensure_future(self._infer(request, resp))
         work.add_done_callback(_retrieve)
         # shielded: a client that goes away does not cut a sequence's step (an END still closes)
-        return await asyncio.shield(work)
+        await asyncio.shield(work)
+        return resp
 
-    async def _stream_one(self, req: Any) -> Any:
-        """One stream request -> ModelStreamInferResponse; an error goes into error_message."""
+    async def _stream_one(self, req: Any) -> tuple[Any, str]:
+        """One stream request -> (ModelStreamInferResponse, session it ran on); an error goes into error_message."""
         resp = self.pb.ModelStreamInferResponse()
         try:
-            await self._infer(req, resp.infer_response)  # filled in place: no copy
-            return resp
+            held = await self._infer(req, resp.infer_response)  # filled in place: no copy
+            return resp, held
         except ServeError as e:
             self._count(e.code)
             text = f"{e.code.name}: {e.message}"
@@ -147,19 +151,28 @@ class KServeServicer:
             text += f" [request id {req.id!r}]"
         resp = self.pb.ModelStreamInferResponse(error_message=text)  # a fresh one: no partial outputs
         resp.infer_response.model_name, resp.infer_response.id = req.model_name, req.id
-        return resp
+        return resp, ""
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Requests run concurrently across sequences, in order within one; answers go out as they finish.
 
         Each request is a task that writes its own answer (one write at a time); requests already read
-        run to the end even when the client goes away (a step is never cut), their answers dropped.
-        """
+        run to the end even when the client goes away (a step is never cut), their answers dropped. If a
+        sequence this stream carries moves to another replica, the stream ends with ABORTED once the
+        answers under way are written (the client resumes it there, or here, on a new stream)."""
         lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
+        holds: dict[str, Any] = {}
+        moved: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def hold(sid: str) -> None:
+            if sid and sid not in holds and (h := self.engine.watch(sid)) is not None:
+                holds[sid] = h
+                h.ended.add_done_callback(lambda f: moved.done() or moved.set_result(f.result()))
 
         async def answer(req: Any) -> None:
-            resp = await self._stream_one(req)
+            resp, held = await self._stream_one(req)
+            hold(held)
             async with lock:
                 if context.done():
                     return
@@ -172,14 +185,28 @@ class KServeServicer:
             while tasks:
                 await asyncio.wait(list(tasks))
 
+        it = aiter(requests)
         try:
-            async for req in requests:
+            while True:
+                nxt = asyncio.ensure_future(anext(it))
+                await asyncio.wait((nxt, moved), return_when=asyncio.FIRST_COMPLETED)
+                if moved.done() and not nxt.done():
+                    nxt.cancel()
+                    await drain()
+                    raise Aborted(f"a sequence on this stream: {moved.result()}; resume it on a new stream")
+                try:
+                    req = nxt.result()
+                except StopAsyncIteration:
+                    break
                 t = asyncio.ensure_future(answer(req))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         except ServeError:  # a message that does not parse: the answers under way go out, then the status
             await drain()
             raise
+        finally:
+            for sid, h in holds.items():
+                self.engine.unwatch(sid, h)
         await drain()
 
 

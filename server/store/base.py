@@ -42,6 +42,11 @@ class SessionStore(ABC):
     #: a short description for logs and errors ("sqlite:/path", "redis://host:port/db")
     where: str = ""
 
+    def lease_ok(self) -> bool:
+        """Whether this replica's heartbeat is surely alive in the store now (its claims stand); a store
+        that is not shared has no lease to lose."""
+        return True
+
     @abstractmethod
     async def start(self, on_release_request: Callable[[str], None]) -> None:
         """Connect, start this replica's heartbeat, and call on_release_request(session id) whenever

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -174,6 +175,7 @@ class RedisStore(SessionStore):
         self._on_release: Callable[[str], None] = lambda sid: None
         self._scripts: dict[str, Any] = {}
         self._hb_value = f"{socket.gethostname()}:{os.getpid()}"
+        self._beat_at = -math.inf  # monotonic time the last heartbeat that landed was sent
 
     # -- lifecycle
 
@@ -234,8 +236,15 @@ class RedisStore(SessionStore):
                                                           args=[self.replica, repr(time.time()), *args]))
 
     async def _beat(self) -> None:
-        """Write the heartbeat once."""
+        """Write the heartbeat once (the lease runs from when it was sent)."""
+        sent = time.monotonic()
         await self._client().set(self._hb_key, self._hb_value, px=HEARTBEAT_TTL_MS)
+        self._beat_at = sent
+
+    def lease_ok(self) -> bool:
+        """Whether the last heartbeat written is younger than its TTL, with half a second to spare: past
+        that (Redis out of reach, or this process paused), another replica may claim our sessions."""
+        return time.monotonic() - self._beat_at < HEARTBEAT_TTL_MS / 1000 - 0.5
 
     async def _subscribe(self) -> PubSub:
         """A pub/sub connection subscribed to this replica's release requests."""
