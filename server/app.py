@@ -72,7 +72,7 @@ class App:
         await self.engine.start()
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_send_bytes),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
         self.server = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics.error)])
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)
         self.server.add_generic_rpc_handlers(
@@ -117,9 +117,9 @@ class App:
         log.info("stopped")
 
 
-def write_port_file(path: Path, port: int, metrics_port: int) -> None:
-    """Write {"port", "metrics_port"} atomically (temp file then rename)."""
+def write_port_file(path: Path, port: int, metrics_port: int, **more: object) -> None:
+    """Write {"port", "metrics_port", ...} atomically (temp file then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, **more}))
     os.replace(tmp, path)

@@ -53,9 +53,14 @@ async def serve(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse(argv, os.environ)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        from . import workers
+
+        return workers.run(settings, argv)
     return asyncio.run(serve(settings))
 
 

@@ -21,15 +21,18 @@ log = logging.getLogger(__name__)
 async def _next(requests: AsyncIterator[pb.SessionRequest], hold) -> pb.SessionRequest | None:
     """The stream's next request (None at its end), unless its session leaves it first: then ABORTED."""
     nxt = asyncio.ensure_future(anext(requests))
-    if hold is not None:
-        await asyncio.wait((nxt, hold.ended), return_when=asyncio.FIRST_COMPLETED)
-        if not nxt.done():
-            nxt.cancel()
-            raise Aborted(f"{hold.ended.result()}: this stream no longer holds it (resume it to continue)")
     try:
+        if hold is not None:
+            await asyncio.wait((nxt, hold.ended), return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                raise Aborted(f"{hold.ended.result()}: this stream no longer holds it (resume it to continue)")
         return await nxt
     except StopAsyncIteration:
         return None
+    finally:  # cut short (ABORTED, or the call cancelled): the pending read goes, its outcome is consumed
+        if not nxt.done():
+            nxt.cancel()
+        nxt.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 _INITIAL = {pb.INITIAL_STATE_MODEL: "model", pb.INITIAL_STATE_ZEROS: "zeros", pb.INITIAL_STATE_GIVEN: "given"}

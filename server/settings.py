@@ -40,6 +40,8 @@ class Settings:
     state_dir: Path = Path("rnnserve-state")  # the sqlite store's folder
     state_sync: str = "step"  # step | detach | an interval such as 200ms
     replica_id: str = ""  # this process's id in a shared store ("" = from the state folder, or random)
+    workers: int = 1  # server processes sharing the port (and their sessions)
+    reuse_port: bool = False  # bind with SO_REUSEPORT (what --workers does for its workers)
     log_level: str = "INFO"
 
     @property
@@ -78,8 +80,21 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--state-dir", "state_dir", Path, "folder of the sqlite session store"),
     ("--state-sync", "state_sync", str, "when sessions are written: step, detach, or an interval such as 200ms"),
     ("--replica-id", "replica_id", str, "this server's id in a shared store (default: random per process)"),
+    ("--workers", "workers", int, "server processes on this port, sharing sessions (more cores)"),
+    ("--reuse-port", "reuse_port", lambda v: _yes(v, "--reuse-port"),
+     "1: bind with SO_REUSEPORT so several processes share the port"),
     ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
+
+
+def _yes(value: str, flag: str) -> bool:
+    """1/0, true/false, yes/no, on/off."""
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{flag} must be 1 or 0 (true/false), got {value!r}")
 
 
 def _env_name(dest: str) -> str:
@@ -159,7 +174,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
     for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens",
-                 "max_feed_tokens", "max_inflight_tokens"):
+                 "max_feed_tokens", "max_inflight_tokens", "workers"):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "ort_threads", "ort_gen_threads",

@@ -189,9 +189,13 @@ class KServeServicer:
         try:
             while True:
                 nxt = asyncio.ensure_future(anext(it))
-                await asyncio.wait((nxt, moved), return_when=asyncio.FIRST_COMPLETED)
+                nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed whatever happens
+                try:
+                    await asyncio.wait((nxt, moved), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not nxt.done() and (moved.done() or asyncio.current_task().cancelling()):
+                        nxt.cancel()
                 if moved.done() and not nxt.done():
-                    nxt.cancel()
                     await drain()
                     raise Aborted(f"a sequence on this stream: {moved.result()}; resume it on a new stream")
                 try:
