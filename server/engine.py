@@ -207,11 +207,9 @@ class Engine:
         self._accepting()
         mv = self.model(name, version)
         start = self._start_state(mv, initial, state)
-        if self.keeper is not None and self.store.shared:
-            n = await self.keeper._guard(self.store.count())
-            if n >= self.settings.max_sessions:
-                raise ResourceExhausted(f"the service holds its maximum of {self.settings.max_sessions} sessions "
-                                        "(--max-sessions, counted in the shared store); close some or try later")
+        if self.keeper is not None and await self.keeper.count() >= self.settings.max_sessions:
+            raise ResourceExhausted(f"the service holds its maximum of {self.settings.max_sessions} sessions "
+                                    "(--max-sessions, counted in the session store); close some or try later")
         s = self.table.create(mv, start, principal)
         if self.keeper is not None:
             try:

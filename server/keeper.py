@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MOVED = "session moved to another replica"
 TAKEOVER_WAIT_S = 5.0  # how long a claim waits for a live holder to hand a session over
 HANDOVER_IDLE_S = 5.0  # how long a holder waits for the step under way before it releases anyway
+COUNT_EVERY_S = 5.0  # how stale the count of a private store may be
 ASK_AGAIN_S = 0.5  # a release request is fire-and-forget: repeat it while the holder still holds on
 
 
@@ -49,6 +50,7 @@ class Keeper:
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # id -> (lock, how many hold or wait)
         self._flusher: asyncio.Task | None = None
         self.writes = 0  # records written (for the benches)
+        self._count, self._counted_at = 0, -COUNT_EVERY_S  # sessions in a private store, and when counted
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,6 +76,17 @@ class Keeper:
             t.cancel()
         await self.store.close()
 
+    async def count(self) -> int:
+        """Sessions in the store (for --max-sessions across restarts and replicas): asked of a shared store
+        each time; a private one is counted at most every COUNT_EVERY_S seconds, kept up to date between."""
+        if self.store.shared:
+            return await self._guard(self.store.count())
+        now = time.monotonic()
+        if now - self._counted_at > COUNT_EVERY_S:
+            self._count = await self._guard(self.store.count())
+            self._counted_at = now
+        return max(self._count, len(self.table.live))
+
     # -- records ---------------------------------------------------------------------------------------------
     def record(self, s: Session) -> Record:
         """A snapshot of a session as the store keeps it."""
@@ -83,10 +96,12 @@ class Keeper:
     async def created(self, s: Session) -> None:
         """A new session: written at once, held by this replica."""
         s.epoch = await self._guard(self.store.create(self.record(s)))
+        self._count += 1
 
     async def closed(self, s: Session) -> None:
         """A session closed or expired: gone from the store too."""
         self.dirty.discard(s)
+        self._count -= 1
         try:
             await self.store.delete(s.id, s.epoch)
         except StoreUnavailable as e:

@@ -194,3 +194,26 @@ def test_a_second_server_on_the_same_state_folder_is_refused_clearly(tiny_repo: 
                            check=False, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and str(state_dir) in r.stderr and "--state-dir" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_the_session_cap_and_idle_expiry_hold_across_a_restart(tiny_repo: Path, tmp_path: Path) -> None:
+    """--max-sessions counts the sessions in the store, not only those loaded; a session idle past
+    --idle-timeout while the server was down is gone after the restart."""
+    state_dir = tmp_path / "state"
+    flags = ("--state-dir", str(state_dir), "--max-sessions", "3", "--idle-timeout", "2")
+    with server(tiny_repo, tmp_path, *flags) as a:
+        sids = [open_session(a.stub) for _ in range(3)]
+        assert a.stop() == 0
+    with server(tiny_repo, tmp_path, *flags) as b:
+        with pytest.raises(grpc.RpcError) as e:
+            open_session(b.stub)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-sessions" in e.value.details()
+        step(b.stub, sids[0], [1])  # restored on use: its idle clock starts again
+        assert b.stop() == 0
+    time.sleep(2.5)
+    with server(tiny_repo, tmp_path, *flags) as c:
+        for sid in sids:
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.GetState(pb.GetStateRequest(session_id=sid))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND, sid
+        open_session(c.stub)  # the expired ones no longer count
