@@ -276,17 +276,17 @@ class Engine:
         """The session an alias (a KServe sequence id) names in the shared store, if any."""
         if self.keeper is None:
             return None
-        return await self.keeper._guard(self.store.get_alias(key))
+        return await self.keeper.guard(self.store.get_alias(key))
 
     async def set_alias(self, key: str, session_id: str) -> None:
         """Point an alias at a session in the store (no-op without a store)."""
         if self.keeper is not None:
-            await self.keeper._guard(self.store.set_alias(key, session_id, self.settings.idle_timeout))
+            await self.keeper.guard(self.store.set_alias(key, session_id, self.settings.idle_timeout))
 
     async def del_alias(self, key: str, session_id: str) -> None:
         """Remove an alias from the store if it still names the session."""
         if self.keeper is not None:
-            await self.keeper._guard(self.store.del_alias(key, session_id))
+            await self.keeper.guard(self.store.del_alias(key, session_id))
 
     def has_session(self, session_id: str) -> bool:
         """Whether a session with this id is in memory here (no store lookup, no touch of its idle clock)."""

@@ -80,10 +80,10 @@ class Keeper:
         """Sessions in the store (for --max-sessions across restarts and replicas): asked of a shared store
         each time; a private one is counted at most every COUNT_EVERY_S seconds, kept up to date between."""
         if self.store.shared:
-            return await self._guard(self.store.count())
+            return await self.guard(self.store.count())
         now = time.monotonic()
         if now - self._counted_at > COUNT_EVERY_S:
-            self._count = await self._guard(self.store.count())
+            self._count = await self.guard(self.store.count())
             self._counted_at = now
         return max(self._count, len(self.table.live))
 
@@ -95,7 +95,7 @@ class Keeper:
 
     async def created(self, s: Session) -> None:
         """A new session: written at once, held by this replica."""
-        s.epoch = await self._guard(self.store.create(self.record(s)))
+        s.epoch = await self.guard(self.store.create(self.record(s)))
         self._count += 1
 
     async def closed(self, s: Session) -> None:
@@ -168,7 +168,7 @@ class Keeper:
                     await self._verify(s)
                 self.table.touch(s)
                 return s
-            if sid in self.table._gone:  # closed or expired here: the table says which
+            if self.table.gone_reason(sid) is not None:  # closed or expired here: the table says which
                 return self.table.get(sid)
             return await self._restore(sid)
 
@@ -189,13 +189,13 @@ class Keeper:
         end = time.monotonic() + TAKEOVER_WAIT_S
         asked, asked_at, pause = "", 0.0, 0.002
         while True:
-            claim = await self._guard(self.store.claim(sid))
+            claim = await self.guard(self.store.claim(sid))
             if claim.epoch:
                 return self._adopt(sid, claim.record, claim.epoch)
             if not claim.found:
                 return self.table.get(sid)  # NOT_FOUND: never opened, closed or expired
             if claim.holder != asked or time.monotonic() > asked_at + ASK_AGAIN_S:  # requests are not queued
-                await self._guard(self.store.ask_release(sid, claim.holder))
+                await self.guard(self.store.ask_release(sid, claim.holder))
                 asked, asked_at = claim.holder, time.monotonic()
             if time.monotonic() > end:
                 raise Unavailable(f"session {sid} is held by replica {claim.holder}, which did not hand it over "
@@ -206,7 +206,7 @@ class Keeper:
     async def _verify(self, s: Session) -> None:
         """Claim a session held in memory again: if no other replica claimed it since ours (the epoch moved
         on by exactly one) it stays as it is, else the newer holder's state wins (no split brain)."""
-        claim = await self._guard(self.store.claim(s.id))
+        claim = await self.guard(self.store.claim(s.id))
         if claim.epoch == s.epoch + 1:
             s.epoch = claim.epoch
             return
@@ -264,7 +264,8 @@ class Keeper:
         s.watchers.clear()
 
     # -- helpers ---------------------------------------------------------------------------------------------------
-    async def _guard(self, aw):
+    async def guard(self, aw):
+        """Await a store call; its failures as the errors a client gets (UNAVAILABLE, FAILED_PRECONDITION)."""
         try:
             return await aw
         except StoreUnavailable as e:
