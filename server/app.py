@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc as pb_grpc
-from . import kserve
+from . import auth, kserve
 from .engine import Engine
 from .interceptors import ErrorInterceptor
 from .metrics import Metrics
@@ -59,6 +59,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.authenticator = auth.Authenticator.from_settings(settings)
         self.engine = Engine(settings, self.metrics)
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -73,7 +74,8 @@ class App:
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_send_bytes),
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
-        self.server = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics.error)])
+        self.server = grpc.aio.server(options=opts,
+                                      interceptors=[ErrorInterceptor(self.metrics.error, self.authenticator)])
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)
         self.server.add_generic_rpc_handlers(
             (kserve.handler(kserve.KServeServicer(self.engine, s, self.metrics)),))
@@ -82,12 +84,18 @@ class App:
                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*self.services, reflection.SERVICE_NAME], self.server,
                                             pool=reflection_pool())
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        creds = server_credentials(s)
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {s.host}:{s.port}")
+        if not self.authenticator.enabled and not is_loopback(s.host):
+            log.warning("listening on %s with no authentication: anyone who can reach this address can open, read "
+                        "and close sessions; give --auth-tokens, --auth-jwks or --auth-mtls (see README, Security)",
+                        s.host)
         await self.server.start()
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         await self._set_health(self.engine.ready)
         self.engine.on_models_changed.append(lambda: self._set_health(self.engine.ready))
         log.info("serving on %s:%d (metrics %s), models: %s", s.host, self.port,
@@ -115,6 +123,27 @@ class App:
         await self.engine.stop()
         self.metrics.close()
         log.info("stopped")
+
+
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS with --tls-client-ca) from PEM files, or None for plaintext."""
+    if s.tls_cert is None:
+        return None
+    ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address only this machine can reach ("localhost", 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def write_port_file(path: Path, port: int, metrics_port: int, **more: object) -> None:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from . import inputs
+from . import auth, inputs
 from .batcher import Batcher
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from .keeper import Keeper
 from .models import Models
+from .quotas import Quotas
 from .repository import ModelVersion, Repository
 from .sessions import Attachment, Session, SessionTable
 from .settings import Settings, parse_policy
@@ -26,7 +26,6 @@ from .work import Chunk, FeedResult, GenRow, SessionInfo, StateView
 
 log = logging.getLogger(__name__)
 
-INITIAL_MODES = ("model", "zeros", "given")
 RESUME_WAIT_S = 10.0  # how long a resume waits for work still running from an earlier stream
 OUTPUTS = ("none", "last", "all")
 
@@ -34,10 +33,11 @@ OUTPUTS = ("none", "last", "all")
 class Generation:
     """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once."""
 
-    def __init__(self, engine: Engine, batcher: Batcher, row: GenRow) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher, row: GenRow, principal: auth.Principal) -> None:
         self._engine = engine
         self._batcher = batcher
         self.row = row
+        self.principal = principal
         self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -60,6 +60,8 @@ class Generation:
         self._batcher.cancel(self.row)
         if not self.finished.done():
             self.finished.set_result(None)
+            self._engine.quotas.end_generation(self.principal)
+            self._engine.quotas.refund(self.principal, self.row.max_tokens - self.row.produced)
         self._engine._generations.discard(self)
 
 
@@ -71,8 +73,10 @@ class Engine:
         self.metrics = metrics
         self.store = open_store(settings.session_store, settings.state_dir, settings.replica_id)
         self.keeper: Keeper | None = None
+        self.quotas = Quotas()
         self.table = SessionTable(settings.max_sessions, settings.idle_timeout,
-                                  on_change=(metrics.live_sessions if metrics else None), on_expire=self._expired)
+                                  on_change=(metrics.live_sessions if metrics else None), on_expire=self._expired,
+                                  counts=self.quotas.sessions)
         self.models = Models(settings, self.table, metrics, on_stepped=self._stepped)
         if self.store is not None:
             self.keeper = Keeper(self.store, self.table, parse_policy(settings.state_sync), settings.idle_timeout,
@@ -164,13 +168,16 @@ class Engine:
     async def _session(self, sid: str) -> Session:
         """A live session by id: in memory, or restored (or taken over) from the store."""
         inputs.check_id(sid)
+        who = auth.current.get().name
         if self.keeper is None:
-            return self.table.get(sid)
+            return self.table.get(sid, who)
         for _ in range(3):
-            s = await self.keeper.get(sid)
+            s = await self.keeper.get(sid, who)
+            if s.principal != who:  # another principal's: exactly as if it did not exist
+                raise self.table.unknown(sid)
             if not s.closed:
                 return s
-            self.table.gone_reason(sid) and self.table.get(sid)  # closed here meanwhile: NOT_FOUND saying so
+            self.table.gone_reason(sid, who) and self.table.get(sid, who)  # closed meanwhile: NOT_FOUND saying so
         raise Unavailable(f"session {sid} is moving between replicas; try again")
 
     async def _claim(self, sid: str) -> Session:
@@ -178,15 +185,6 @@ class Engine:
         if s.busy:
             raise FailedPrecondition(f"session {sid} is busy with another request (a feed or a generation)")
         return s
-
-    def _start_state(self, mv: ModelVersion, initial: str, state) -> np.ndarray:
-        if initial == "model":
-            return mv.initial_state
-        if initial == "zeros":
-            return np.zeros(mv.state_size, np.float32)
-        if initial == "given":
-            return inputs.check_state(mv, state if state is not None else [])
-        raise InvalidArgument(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
 
     def _stepped(self, sessions: list[Session]) -> None:
         if self.keeper is not None:
@@ -202,15 +200,18 @@ class Engine:
 
     # -- sessions -------------------------------------------------------------------------------------
     async def open(self, name: str, version: int = 0, initial: str = "model",
-                   state: Sequence[float] | np.ndarray | None = None, principal: str = "") -> SessionInfo:
-        """Open a new session on a model (version 0 = latest) from its own, zero or a given state."""
+                   state: Sequence[float] | np.ndarray | None = None) -> SessionInfo:
+        """Open a new session on a model (version 0 = latest) from its own, zero or a given state; it belongs
+        to the calling principal."""
         self._accepting()
         mv = self.model(name, version)
-        start = self._start_state(mv, initial, state)
+        start = inputs.start_state(mv, initial, state)
+        who = auth.current.get()
+        self.quotas.check_open(who)
         if self.keeper is not None and await self.keeper.count() >= self.settings.max_sessions:
             raise ResourceExhausted(f"the service holds its maximum of {self.settings.max_sessions} sessions "
                                     "(--max-sessions, counted in the session store); close some or try later")
-        s = self.table.create(mv, start, principal)
+        s = self.table.create(mv, start, who.name)
         if self.keeper is not None:
             try:
                 await self.keeper.created(s)
@@ -269,8 +270,8 @@ class Engine:
         return (await self._session(session_id)).model
 
     def gone_reason(self, session_id: str) -> str | None:
-        """Why a session id is gone here ("was closed", "expired after ..."), if that is remembered."""
-        return self.table.gone_reason(session_id)
+        """Why a session id of the caller's is gone here ("was closed", "expired after ..."), if remembered."""
+        return self.table.gone_reason(session_id, auth.current.get().name)
 
     async def alias(self, key: str) -> str | None:
         """The session an alias (a KServe sequence id) names in the shared store, if any."""
@@ -307,6 +308,7 @@ class Engine:
         top_k = max(0, int(top_k))
         self.check_feed(mv, len(tokens), output, top_k, logits)
         ids = inputs.encode(mv, tokens) if isinstance(tokens, str) else inputs.check_tokens(mv, tokens)
+        self.quotas.spend(auth.current.get(), len(ids))
         s.busy = True
         # no shield: a cancelled caller cancels only this future; the batcher still runs the feed to its end
         # and releases the session (FeedJob bookkeeping does not depend on the future)
@@ -334,7 +336,8 @@ class Engine:
         mv = self.model(name, version)
         ids = inputs.check_tokens(mv, tokens)
         self.check_feed(mv, len(ids))
-        s = self.table.create(mv, self._start_state(mv, "model" if state is None else "given", state), count=False)
+        self.quotas.spend(auth.current.get(), len(ids))
+        s = self.table.create(mv, inputs.start_state(mv, "model" if state is None else "given", state), count=False)
         try:  # an ephemeral session: not counted against --max-sessions, never listed or stored
             s.busy = True
             logits, _ = await self.batchers[mv].feed(s, ids, "all")
@@ -347,20 +350,7 @@ class Engine:
                        chunk_tokens: int = 0) -> Generation:
         """Start sampling in the batcher; iterate the result for chunks (validation errors raise here)."""
         self._accepting()
-        lim = self.settings.max_generate_tokens
-        if max_tokens <= 0:
-            raise InvalidArgument("max_tokens must be > 0")
-        if max_tokens > lim:
-            raise InvalidArgument(f"max_tokens {max_tokens} exceeds this server's limit of {lim} "
-                                  "(--max-generate-tokens)")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
-        if not math.isfinite(top_p) or not 0 <= top_p <= 1:
-            raise InvalidArgument(f"top_p must be in [0, 1], got {top_p}")
-        if top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
-        if any(not st for st in stop):
-            raise InvalidArgument("stop strings must not be empty")
+        inputs.check_generation(max_tokens, self.settings.max_generate_tokens, temperature, top_p, top_k, stop)
         s = await self._claim(session_id)
         if not s.has_logits:
             raise FailedPrecondition(f"session {session_id} has no distribution to sample from yet: "
@@ -369,9 +359,12 @@ class Engine:
                      top_p=float(top_p), rng=np.random.default_rng(seed), stops=tuple(stop),
                      chunk_tokens=chunk_tokens or self.settings.chunk_tokens,
                      maxstop=max((len(x) for x in stop), default=0))
+        who = auth.current.get()
+        self.quotas.spend(who, max_tokens)  # what it does not generate is given back at its end
+        self.quotas.start_generation(who)
         s.busy = True
         b = self.batchers[s.model]
-        gen = Generation(self, b, row)
+        gen = Generation(self, b, row, who)
         self._generations.add(gen)
         b.generate(row)
         return gen
@@ -380,7 +373,7 @@ class Engine:
                     state: Sequence[float] | np.ndarray | None = None) -> int:
         """Restart a session from its model's, zero or a given state; forgets the last logits."""
         s = await self._claim(session_id)
-        s.set_state(self._start_state(s.model, initial, state))
+        s.set_state(inputs.start_state(s.model, initial, state))
         s.steps = 0
         self._stepped([s])
         return 0

@@ -5,6 +5,7 @@ Every check raises a ServeError naming the problem; a client's own string is nev
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -90,3 +91,35 @@ def check_answer_size(size: int, limit: int, what: str) -> None:
         raise ResourceExhausted(f"{what} would be about {size} bytes, over this server's message limit of "
                                 f"{limit} bytes (--max-message-bytes; answers up to max(that, 64 MiB)): ask for "
                                 "fewer steps (output last or none, top_k instead of logits) or feed in parts")
+
+
+INITIAL_MODES = ("model", "zeros", "given")
+
+
+def start_state(mv: ModelVersion, initial: str, state: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    """Where a session starts: the model's own initial state, zeros, or a given vector (checked)."""
+    if initial == "model":
+        return mv.initial_state
+    if initial == "zeros":
+        return np.zeros(mv.state_size, np.float32)
+    if initial == "given":
+        return check_state(mv, state if state is not None else [])
+    raise InvalidArgument(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
+
+
+def check_generation(max_tokens: int, limit: int, temperature: float, top_p: float, top_k: int,
+                     stop: Sequence[str]) -> None:
+    """A generate request's parameters: INVALID_ARGUMENT naming the one out of range."""
+    if max_tokens <= 0:
+        raise InvalidArgument("max_tokens must be > 0")
+    if max_tokens > limit:
+        raise InvalidArgument(f"max_tokens {max_tokens} exceeds this server's limit of {limit} "
+                              "(--max-generate-tokens)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(top_p) or not 0 <= top_p <= 1:
+        raise InvalidArgument(f"top_p must be in [0, 1], got {top_p}")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+    if any(not st for st in stop):
+        raise InvalidArgument("stop strings must not be empty")

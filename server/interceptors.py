@@ -1,4 +1,5 @@
-"""One error mapping for every RPC of both protocols: a ServeError a handler raises becomes the call's status.
+"""One gate for every RPC of both protocols: the caller's principal, and a ServeError a handler raises becomes
+the call's status.
 
 The servicers raise; this interceptor answers. It also stands between gRPC and the message parser:
 bytes that do not parse as the method's request become INVALID_ARGUMENT (for a stream, once the
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from . import auth
 from .errors import InvalidArgument, ServeError
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every handler: a ServeError aborts the call with its code and message (counted), and
     request bytes that do not parse are INVALID_ARGUMENT instead of UNKNOWN."""
 
-    def __init__(self, count: Callable[[str], None] | None = None) -> None:
+    def __init__(self, count: Callable[[str], None] | None = None,
+                 authenticator: auth.Authenticator | None = None) -> None:
         self._count = count or (lambda code_name: None)
         self.bad_messages = RateLimitedLog()
+        self.authenticator = authenticator or auth.Authenticator()
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         """The handler grpc found for this method, its parser and behaviour wrapped."""
@@ -95,6 +99,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, behavior: Callable, method: str, streaming_in: bool) -> Callable:
         count = self._count
+        gate = self.authenticator
+        needs_principal = gate.enabled and not gate.is_open(method)
+
+        def admit(context: grpc.aio.ServicerContext) -> None:
+            """Establish the caller's principal for this call (UNAUTHENTICATED if none)."""
+            auth.current.set(gate.authenticate(context.invocation_metadata(), context.auth_context())
+                             if needs_principal else gate.anonymous)
 
         def arguments(request: Any) -> Any:
             if streaming_in:
@@ -106,6 +117,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
+                    admit(context)
                     async for response in behavior(arguments(request), context):
                         yield response
                 except ServeError as e:
@@ -115,6 +127,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def called(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                admit(context)
                 return await behavior(arguments(request), context)
             except ServeError as e:
                 count(e.code.name)

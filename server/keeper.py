@@ -152,7 +152,7 @@ class Keeper:
                 self._let_go(s, MOVED)
 
     # -- restore and take-over ---------------------------------------------------------------------------------
-    async def get(self, sid: str) -> Session:
+    async def get(self, sid: str, principal: str | None = None) -> Session:
         """The session, from memory or claimed from the store (taken over from a live holder if need be).
 
         Claims, restores and hand-overs of one id take turns on a per-id lock; a session in memory with no
@@ -168,9 +168,9 @@ class Keeper:
                     await self._verify(s)
                 self.table.touch(s)
                 return s
-            if self.table.gone_reason(sid) is not None:  # closed or expired here: the table says which
-                return self.table.get(sid)
-            return await self._restore(sid)
+            if self.table.gone_reason(sid, principal) is not None:  # closed or expired here: the table says which
+                return self.table.get(sid, principal)
+            return await self._restore(sid, principal)
 
     @contextlib.asynccontextmanager
     async def _lock(self, sid: str):
@@ -185,7 +185,7 @@ class Keeper:
             if not waiting[0]:
                 del self._locks[sid]
 
-    async def _restore(self, sid: str) -> Session:
+    async def _restore(self, sid: str, principal: str | None) -> Session:
         end = time.monotonic() + TAKEOVER_WAIT_S
         asked, asked_at, pause = "", 0.0, 0.002
         while True:
@@ -193,7 +193,7 @@ class Keeper:
             if claim.epoch:
                 return self._adopt(sid, claim.record, claim.epoch)
             if not claim.found:
-                return self.table.get(sid)  # NOT_FOUND: never opened, closed or expired
+                return self.table.get(sid, principal)  # NOT_FOUND: never opened, closed or expired
             if claim.holder != asked or time.monotonic() > asked_at + ASK_AGAIN_S:  # requests are not queued
                 await self.guard(self.store.ask_release(sid, claim.holder))
                 asked, asked_at = claim.holder, time.monotonic()

@@ -25,7 +25,11 @@ def _force_exit() -> None:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then drain within the grace period."""
-    app = App(settings)
+    try:
+        app = App(settings)
+    except ValueError as e:  # a credentials file that cannot be read
+        log.error("cannot start: %s", e)
+        return 1
     try:
         await app.start()
     except (OSError, RuntimeError, StoreUnavailable) as e:
@@ -36,6 +40,8 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if app.authenticator.tokens is not None:  # SIGHUP: read --auth-tokens again now
+        loop.add_signal_handler(signal.SIGHUP, app.authenticator.tokens.reload)
     await stop.wait()
     log.info("signal received: draining (grace %g s)", settings.grace)
     end = loop.time() + settings.grace + EXIT_MARGIN_S

@@ -7,7 +7,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -126,12 +126,14 @@ class SessionTable:
 
     def __init__(self, max_sessions: int, idle_timeout: float,
                  on_change: Callable[[int], None] | None = None,
-                 on_expire: Callable[[Session], None] | None = None) -> None:
+                 on_expire: Callable[[Session], None] | None = None,
+                 counts: Counter[str] | None = None) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.live: dict[str, Session] = {}
         self.pools: dict[ModelVersion, StatePool] = {}
-        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone
+        self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (why it is gone, its principal)
+        self.counts: Counter[str] = counts if counts is not None else Counter()  # live sessions per principal
         self._heap: list[tuple[float, int, Session]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -172,6 +174,7 @@ class SessionTable:
         if listed:
             self.live[sid] = s
             self._gone.pop(sid, None)
+            self.counts[principal] += 1
             self.touch(s)
             self._on_change(len(self.live))
         return s
@@ -185,27 +188,39 @@ class SessionTable:
 
     def forget(self, s: Session) -> None:
         """Let a session go from memory without a tombstone (it lives on elsewhere: another replica has it)."""
-        self.live.pop(s.id, None)
+        if self.live.pop(s.id, None) is not None:
+            self._uncount(s)
         s.closed = True
         if not s.busy and s.row >= 0:
             s.pool.release(s.row)
             s.row = -1
         self._on_change(len(self.live))
 
-    def get(self, sid: str) -> Session:
-        """The live session with this id, or NOT_FOUND saying whether it was closed, expired or never seen."""
+    def get(self, sid: str, principal: str | None = None) -> Session:
+        """The live session with this id, or NOT_FOUND saying whether it was closed, expired or never seen.
+
+        With `principal`, a session of another principal is NOT_FOUND in exactly the words of an id never
+        seen (no oracle), and so is its tombstone."""
         s = self.live.get(sid)
-        if s is not None:
+        if s is not None and (principal is None or s.principal == principal):
             self.touch(s)
             return s
-        why = self._gone.get(sid)
-        if why is not None:
+        why = self.gone_reason(sid, principal)
+        if why is not None and s is None:
             raise NotFound(f"session {sid} {why}")
-        raise NotFound(f"session {shown(sid)} is unknown (never opened here, or forgotten)")
+        raise self.unknown(sid)
 
-    def gone_reason(self, sid: str) -> str | None:
-        """Why a session id is gone ("was closed", "expired after ..."), if this table remembers it."""
-        return self._gone.get(sid)
+    @staticmethod
+    def unknown(sid: str) -> NotFound:
+        """The NOT_FOUND of an id this server does not know (also what another principal's id gets)."""
+        return NotFound(f"session {shown(sid)} is unknown (never opened here, or forgotten)")
+
+    def gone_reason(self, sid: str, principal: str | None = None) -> str | None:
+        """Why a session id is gone ("was closed", "expired after ..."), if remembered (and its principal's)."""
+        entry = self._gone.get(sid)
+        if entry is None or (principal is not None and entry[1] != principal):
+            return None
+        return entry[0]
 
     def close(self, sid: str) -> Session:
         """Close a session: its row is freed now, or when its in-flight operation ends."""
@@ -239,10 +254,16 @@ class SessionTable:
             return False
         return True
 
+    def _uncount(self, s: Session) -> None:
+        self.counts[s.principal] -= 1
+        if self.counts[s.principal] <= 0:
+            del self.counts[s.principal]
+
     def _drop(self, s: Session, why: str) -> None:
-        self.live.pop(s.id, None)
+        if self.live.pop(s.id, None) is not None:
+            self._uncount(s)
         s.closed = True
-        self._gone[s.id] = why
+        self._gone[s.id] = (why, s.principal)
         while len(self._gone) > TOMBSTONES:
             self._gone.popitem(last=False)
         if not s.busy and s.row >= 0:

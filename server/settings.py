@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "RNNSERVE_"
+# --auth-open names -> the gRPC method paths (prefixes) they open to callers without credentials
+OPEN_SERVICES = {"health": ("/grpc.health.v1.Health/",),
+                 "reflection": ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/"),
+                 "kserve-health": ("/inference.GRPCInferenceService/ServerLive",
+                                   "/inference.GRPCInferenceService/ServerReady")}
 
 
 @dataclass(frozen=True)
@@ -15,7 +20,7 @@ class Settings:
     """Everything the server reads from its command line or environment."""
 
     models: Path = Path("models")
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless told: the container sets 0.0.0.0
     port: int = 8001
     metrics_port: int = 8002  # 0 = ephemeral, -1 = off
     port_file: Path | None = None
@@ -40,9 +45,32 @@ class Settings:
     state_dir: Path = Path("rnnserve-state")  # the sqlite store's folder
     state_sync: str = "step"  # step | detach | an interval such as 200ms
     replica_id: str = ""  # this process's id in a shared store ("" = from the state folder, or random)
+    auth_tokens: Path | None = None  # bearer tokens file (sha256 digests, principals, limits)
+    auth_jwks: Path | None = None  # JWKS file or PEM public key verifying JWT bearer tokens
+    auth_issuer: str = ""  # required `iss` of JWTs ("" = not checked)
+    auth_audience: str = ""  # required `aud` of JWTs ("" = not checked)
+    auth_principal_claim: str = "sub"  # the JWT claim naming the principal
+    auth_mtls: bool = False  # a verified client certificate's common name is the principal
+    auth_open: str = "health,reflection"  # services callable without credentials (also: kserve-health)
+    tls_cert: Path | None = None  # server certificate chain (PEM): serve TLS
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_client_ca: Path | None = None  # CA bundle (PEM): require and verify client certificates (mTLS)
+    quota_sessions: int = 0  # default per-principal limits (0 = none): live sessions ...
+    quota_tokens_per_s: float = 0.0  # ... feed and generated tokens per second ...
+    quota_generations: int = 0  # ... generations running at once
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint's own bind address
+    metrics_auth: bool = False  # /metrics needs the same credentials as gRPC calls
     workers: int = 1  # server processes sharing the port (and their sessions)
     reuse_port: bool = False  # bind with SO_REUSEPORT (what --workers does for its workers)
     log_level: str = "INFO"
+
+    def open_services_names(self) -> list[str]:
+        """--auth-open as a list of its names."""
+        return [n.strip() for n in self.auth_open.split(",") if n.strip()]
+
+    def open_methods(self) -> tuple[str, ...]:
+        """The method paths (prefixes) callable without credentials."""
+        return tuple(m for n in self.open_services_names() for m in OPEN_SERVICES.get(n, ()))
 
     @property
     def max_send_bytes(self) -> int:
@@ -80,6 +108,21 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--state-dir", "state_dir", Path, "folder of the sqlite session store"),
     ("--state-sync", "state_sync", str, "when sessions are written: step, detach, or an interval such as 200ms"),
     ("--replica-id", "replica_id", str, "this server's id in a shared store (default: random per process)"),
+    ("--auth-tokens", "auth_tokens", Path, "bearer tokens file: sha256 digests, principals, limits (JSON)"),
+    ("--auth-jwks", "auth_jwks", Path, "JWKS file (or PEM public key) that verifies JWT bearer tokens"),
+    ("--auth-issuer", "auth_issuer", str, "required JWT issuer (iss)"),
+    ("--auth-audience", "auth_audience", str, "required JWT audience (aud)"),
+    ("--auth-principal-claim", "auth_principal_claim", str, "JWT claim naming the principal"),
+    ("--auth-mtls", "auth_mtls", lambda v: _yes(v, "--auth-mtls"), "1: a client certificate's CN is the principal"),
+    ("--auth-open", "auth_open", str, "services open without credentials: health, reflection, kserve-health"),
+    ("--tls-cert", "tls_cert", Path, "server certificate chain (PEM): serve gRPC over TLS"),
+    ("--tls-key", "tls_key", Path, "the certificate's private key (PEM)"),
+    ("--tls-client-ca", "tls_client_ca", Path, "CA bundle (PEM): require verified client certificates (mTLS)"),
+    ("--quota-sessions", "quota_sessions", int, "default live sessions per principal (0 = no limit)"),
+    ("--quota-tokens-per-s", "quota_tokens_per_s", float, "default fed+generated tokens/s per principal (0 = none)"),
+    ("--quota-generations", "quota_generations", int, "default generations at once per principal (0 = none)"),
+    ("--metrics-host", "metrics_host", str, "address of the metrics endpoint"),
+    ("--metrics-auth", "metrics_auth", lambda v: _yes(v, "--metrics-auth"), "1: /metrics needs credentials"),
     ("--workers", "workers", int, "server processes on this port, sharing sessions (more cores)"),
     ("--reuse-port", "reuse_port", lambda v: _yes(v, "--reuse-port"),
      "1: bind with SO_REUSEPORT so several processes share the port"),
@@ -180,6 +223,22 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "ort_threads", "ort_gen_threads",
                  "inline_rows"):
         if getattr(s, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        problems.append("--tls-cert and --tls-key go together")
+    if (s.tls_client_ca or s.auth_mtls) and s.tls_cert is None:
+        problems.append("--tls-client-ca and --auth-mtls need TLS: give --tls-cert and --tls-key")
+    if s.auth_mtls and s.tls_client_ca is None:
+        problems.append("--auth-mtls needs --tls-client-ca (the CA that signs client certificates)")
+    for name in ("auth_tokens", "auth_jwks", "tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(s, name)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"--{name.replace('_', '-')} {path}: no such file")
+    unknown = set(s.open_services_names()) - set(OPEN_SERVICES)
+    if unknown:
+        problems.append(f"--auth-open knows {', '.join(OPEN_SERVICES)}, not {', '.join(sorted(unknown))}")
+    for name in ("quota_sessions", "quota_tokens_per_s", "quota_generations"):
+        if not getattr(s, name) >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if not s.feed_slice_ms > 0:
         problems.append(f"--feed-slice-ms must be > 0, got {s.feed_slice_ms}")

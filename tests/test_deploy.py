@@ -219,7 +219,7 @@ def test_server_environment_is_the_settings_contract():
     assert (parsed.models, parsed.port, parsed.metrics_port, parsed.device) == (Path("/models"), 8001, 8002, "cpu")
     raw = load_yaml(COMPOSE)["services"]["server"]["environment"]
     fixed = {"RNNSERVE_MODELS", "RNNSERVE_HOST", "RNNSERVE_PORT", "RNNSERVE_METRICS_PORT", "RNNSERVE_GRACE",
-             "RNNSERVE_DEVICE", "RNNSERVE_STATE_DIR"} | PROBE_ENV
+             "RNNSERVE_DEVICE", "RNNSERVE_STATE_DIR", "RNNSERVE_METRICS_HOST"} | PROBE_ENV
     restated = {k: v for k, v in raw.items() if k not in fixed and v != f"${{{k}:-}}"}
     assert not restated, f"tuning knobs pass through (empty = rnn-serve's default), never restate it: {restated}"
     defaults = settings.Settings()

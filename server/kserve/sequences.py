@@ -8,6 +8,7 @@ a request without START can be told exactly what happened.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from .codec import Sequence
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, int | str]  # (model name, sequence id)
+Key = tuple[str, int | str, str]  # (model name, sequence id, principal): each principal has its own ids
 TOMBSTONES = 65536  # how many gone sequence ids we remember, to say why they are gone ...
 TOMBSTONE_BYTES = 8 << 20  # ... and how many bytes of ids and reasons at most
 SWEEP_FLOOR = 1024  # look for sessions expired under us once the table doubles past this
@@ -46,9 +47,8 @@ def describe(key: Key) -> str:
 
 
 def _alias(key: Key) -> str:
-    """The store's name for a sequence id (typed, so 7 and "7" stay apart)."""
-    kind = "s" if isinstance(key[1], str) else "i"
-    return f"kserve/{key[0]}/{kind}:{key[1]}"
+    """The store's name for a principal's sequence id (typed, so 7 and "7" stay apart)."""
+    return "kserve/" + json.dumps([key[2], key[0], key[1]])
 
 
 def _size(key: Key, why: str) -> int:

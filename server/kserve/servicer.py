@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from .. import inputs
+from .. import auth, inputs
 from ..engine import Engine
 from ..errors import Aborted, NotFound, ServeError
 from ..settings import Settings
@@ -108,7 +108,7 @@ class KServeServicer:
         if seq.id is None:
             step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
         else:
-            key = (req.model_name, seq.id)
+            key = (req.model_name, seq.id, auth.current.get().name)
             step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
         self._response(req, step, outputs, resp)
         return step.held
