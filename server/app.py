@@ -20,6 +20,7 @@ from . import auth, kserve
 from .engine import Engine
 from .interceptors import ErrorInterceptor
 from .metrics import Metrics
+from .metrics_http import MetricsEndpoint
 from .servicer import RnnServeServicer
 from .settings import Settings
 
@@ -65,6 +66,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = -1
+        self.metrics_http: MetricsEndpoint | None = None
         self.services: list[str] = []
 
     async def start(self) -> None:
@@ -95,7 +97,9 @@ class App:
                         s.host)
         await self.server.start()
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+            self.metrics_http = MetricsEndpoint(self.metrics.registry,
+                                                authorize=self._metrics_authorized if s.metrics_auth else None)
+            self.metrics_port = await self.metrics_http.start(s.metrics_host, s.metrics_port)
         await self._set_health(self.engine.ready)
         self.engine.on_models_changed.append(lambda: self._set_health(self.engine.ready))
         log.info("serving on %s:%d (metrics %s), models: %s", s.host, self.port,
@@ -121,8 +125,17 @@ class App:
             await self.engine.drain(grace - min(0.5, grace / 4))
             await self.server.stop(max(0.0, end - loop.time()))  # cuts calls still open at the deadline
         await self.engine.stop()
-        self.metrics.close()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         log.info("stopped")
+
+    def _metrics_authorized(self, header: str | None) -> bool:
+        """--metrics-auth: /metrics takes the credentials a gRPC call takes (a bearer token)."""
+        try:
+            self.authenticator.authenticate([("authorization", header)] if header else [], {})
+        except auth.Unauthenticated:
+            return False
+        return True
 
 
 def server_credentials(s: Settings) -> grpc.ServerCredentials | None:

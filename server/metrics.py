@@ -1,7 +1,8 @@
-"""Prometheus metrics on a per-server registry (tests run several servers in one process)."""
+"""Prometheus metrics on a per-server registry (tests run several servers in one process); metrics_http.py
+serves it."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -27,20 +28,7 @@ class Metrics:
                                       registry=r)
         self.broken = Gauge("rnnserve_broken_versions", "Version folders that failed to load (see the log)",
                             registry=r)
-        self.http = None
         self._children: dict[str, tuple] = {}
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (port 0 = ephemeral); returns the bound port."""
-        self.http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return self.http.server_port
-
-    def close(self) -> None:
-        """Stop the HTTP endpoint."""
-        if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
-            self.http = None
 
     def live_sessions(self, n: int) -> None:
         """Set the live session gauge."""

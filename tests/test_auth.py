@@ -253,3 +253,28 @@ def test_safe_defaults(tiny_repo: Path, caplog) -> None:
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0], warnings
 
 
+
+
+def test_metrics_endpoint_only_serves_metrics_and_can_require_credentials(tiny_repo: Path, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    tf = tokens_file(tmp_path / "tokens.json", {"ops-token": {"principal": "ops"}})
+
+    def get(port: int, path: str, token: str | None = None) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    async def main() -> None:
+        async with serving(tiny_repo, auth_tokens=tf, metrics_port=0, metrics_auth=True) as (app, _ch, _stub):
+            port = app.metrics_port
+            codes = await asyncio.gather(*[asyncio.to_thread(get, port, p, t) for p, t in [
+                ("/metrics", None), ("/metrics", "wrong"), ("/metrics", "ops-token"), ("/", "ops-token")]])
+            assert codes == [401, 401, 200, 404], codes
+
+    asyncio.run(main())
