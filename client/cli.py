@@ -5,13 +5,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
-from .core import RnnServeError
+from .core import RnnServeError, add_connection_flags, connection_settings, refusal_hint
 from .lib import Client, Session
 
 DEFAULT_TARGET = "127.0.0.1:8001"
+ENV_PREFIX = "RNNSERVE_"  # RNNSERVE_TARGET, RNNSERVE_TOKEN, RNNSERVE_TLS_CA, ...
 CHAT_HELP = "lines continue the session; /reset starts it over, /quit (or end of input) leaves it resumable"
 
 
@@ -20,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help=f"server HOST:PORT (env RNNSERVE_TARGET, default {DEFAULT_TARGET})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds for unary calls (default 30)")
+    add_connection_flags(p, ENV_PREFIX)
     sub = p.add_subparsers(dest="command", required=True)
 
     def sampling(sp: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -50,10 +53,10 @@ def _fail(msg: str, code: int = 1) -> int:
     return code
 
 
-def _describe(err: RnnServeError, target: str) -> str:
+def _describe(err: RnnServeError, target: str, settings: dict[str, Any]) -> str:
     """A one-line reason naming the problem."""
     if err.code == grpc.StatusCode.UNAVAILABLE:
-        return f"server {target} unreachable ({err.message})"
+        return f"server {target} unreachable ({err.message}{refusal_hint(err.message, settings)})"
     if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"server {target} did not answer in time"
     return f"{err.code.name}: {err.message}"
@@ -167,14 +170,16 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rnn-client`; returns the exit status (0 ok, 1 server error, 2 usage, 130 ^C)."""
     args = _parser().parse_args(argv)
-    target = args.target or os.environ.get("RNNSERVE_TARGET") or DEFAULT_TARGET
+    target = args.target or os.environ.get(f"{ENV_PREFIX}TARGET") or DEFAULT_TARGET
     commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}
+    settings: dict[str, Any] = {}
     try:
-        with Client(target, timeout=args.timeout) as client:
+        settings = connection_settings(args, ENV_PREFIX, os.environ)
+        with Client(target, timeout=args.timeout, **settings) as client:
             return commands[args.command](client, args)
     except RnnServeError as err:
         sys.stdout.flush()
-        return _fail(_describe(err, target))
+        return _fail(_describe(err, target, settings))
     except ValueError as err:
         return _fail(str(err), 2)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import grpc
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc
 from . import core
-from .core import DEFAULT_OPTIONS, Initial, RnnServeError, SessionCore
+from .core import Initial, Pem, RnnServeError, SessionCore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -114,11 +114,15 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:8001", timeout: float | None = 30.0,
                  channel: grpc.Channel | None = None,
-                 metadata: Sequence[tuple[str, str]] | None = None) -> None:
+                 metadata: Sequence[tuple[str, str]] | None = None, *, token: str | None = None,
+                 tls: bool = False, ca: Pem | None = None, cert: Pem | None = None, key: Pem | None = None,
+                 server_name: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata = metadata
-        self._channel = channel or grpc.insecure_channel(target, options=DEFAULT_OPTIONS)
+        conn = core.client_connection(target, channel, metadata, token=token, tls=tls, ca=ca, cert=cert,
+                                      key=key, server_name=server_name)
+        self.metadata = list(conn.metadata)
+        self._channel = channel or conn.channel(grpc, target)
         self._stub = rnnserve_pb2_grpc.RnnServeStub(self._channel)
 
     def _unary(self, call: core.Call) -> Any:
