@@ -2,6 +2,7 @@
 racing take-overs, a paused replica's stale write refused by epoch, and Redis going away."""
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import socket
@@ -212,3 +213,25 @@ def test_redis_down_is_unavailable_and_service_recovers(tiny_repo: Path, tmp_pat
     finally:
         rs.kill()
         rs.wait()
+
+
+def test_a_moved_session_stays_bound_to_its_owner(tiny_repo: Path, tmp_path: Path, redis_server: RedisServer) -> None:
+    """The store carries the owner with the state: on another replica, Alice's session is Alice's, and Bob
+    gets NOT_FOUND for it there too."""
+    from rnnserve.server.auth import digest
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [{"principal": "alice", "sha256": digest("A")},
+                                             {"principal": "bob", "sha256": digest("B")}]}))
+    url, flags = redis_server.url, ("--auth-tokens", str(tokens))
+    with replica(tiny_repo, tmp_path, url, "a", *flags) as a, replica(tiny_repo, tmp_path, url, "b", *flags) as b:
+        alice, bob = (("authorization", "Bearer A"),), (("authorization", "Bearer B"),)
+        sid = a.stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"))),
+                                 metadata=alice).session_id
+        with pytest.raises(grpc.RpcError) as e:
+            b.stub.GetState(pb.GetStateRequest(session_id=sid), metadata=bob)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert b.stub.GetState(pb.GetStateRequest(session_id=sid), metadata=alice).steps == 0
+        with pytest.raises(grpc.RpcError) as e:
+            a.stub.GetState(pb.GetStateRequest(session_id=sid), metadata=bob)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
