@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/serve_bench.py
 	$(PY) bench/kserve_bench.py
 	$(PY) bench/isolation_bench.py
+	$(PY) bench/security_bench.py
 	$(PY) bench/export_bench.py
 
 # Regenerate the Python stubs from protos/ (tests/test_protos.py fails when they are stale).
