@@ -49,6 +49,7 @@ def test_workers_share_the_port_and_the_sessions_and_survive_restarts(tiny_repo:
         assert set(steps.values()) == {4}
 
         victim = ports["workers"][0]["pid"]  # a worker killed: started again, sessions still there
+        time.sleep(0.5)  # --state-sync step writes behind the answers: let the last ones land before the kill
         os.kill(victim, signal.SIGKILL)
         time.sleep(4)  # its heartbeat lapses (3 s): others may claim its sessions from their last write
         for sid in sids:
