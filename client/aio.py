@@ -171,6 +171,10 @@ class AsyncClient:
         """Replace a session's state vector (import, migrate)."""
         return await self._unary(core.set_state(session_id, state))
 
+    async def fork(self, session_id: str) -> pb.Opened:
+        """A new session with the same state, last distribution and step count (parallel continuations)."""
+        return await self._unary(core.fork_session(session_id))
+
     async def close_session(self, session_id: str) -> None:
         """Close a session by id."""
         await self._unary(core.close_session(session_id))

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling(chat, 300)
     chat.set_defaults(stop=None)
     sub.add_parser("models", help="list the server's models")
+    fork = sub.add_parser("fork", help="copy a session (state, last distribution, steps) into a new one")
+    fork.add_argument("--session", required=True, help="the session to fork")
     return p
 
 
@@ -167,11 +169,20 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fork(client: Client, args: argparse.Namespace) -> int:
+    """Print the new session's id (and its step count) on stdout."""
+    opened = client.fork(args.session)
+    print(opened.session_id)
+    print(f"forked {args.session} at step {opened.steps}: continue it with `rnn-client chat --session "
+          f"{opened.session_id}`", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `rnn-client`; returns the exit status (0 ok, 1 server error, 2 usage, 130 ^C)."""
     args = _parser().parse_args(argv)
     target = args.target or os.environ.get(f"{ENV_PREFIX}TARGET") or DEFAULT_TARGET
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "fork": cmd_fork}
     settings: dict[str, Any] = {}
     try:
         settings = connection_settings(args, ENV_PREFIX, os.environ)

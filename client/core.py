@@ -228,6 +228,11 @@ def set_state(session_id: str, state: Sequence[float]) -> Call:
     return Call("SetState", req, session_id=session_id)
 
 
+def fork_session(session_id: str) -> Call:
+    """ForkSession: returns the new session's Opened."""
+    return Call("ForkSession", pb.ForkSessionRequest(session_id=session_id), session_id=session_id)
+
+
 def close_session(session_id: str) -> Call:
     """CloseSession: returns None."""
     return Call("CloseSession", pb.CloseSessionRequest(session_id=session_id), lambda r: None, session_id)

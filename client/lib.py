@@ -158,6 +158,10 @@ class Client:
         """Replace a session's state vector (import, migrate)."""
         return self._unary(core.set_state(session_id, state))
 
+    def fork(self, session_id: str) -> pb.Opened:
+        """A new session with the same state, last distribution and step count (parallel continuations)."""
+        return self._unary(core.fork_session(session_id))
+
     def close_session(self, session_id: str) -> None:
         """Close a session by id."""
         self._unary(core.close_session(session_id))

@@ -7,8 +7,9 @@ memory (sessions.py) and in the store (keeper.py), and onnxruntime all stay behi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,50 +20,16 @@ from .keeper import Keeper
 from .models import Models
 from .quotas import Quotas
 from .repository import ModelVersion, Repository
+from .runner import Generation, Runner
 from .sessions import Attachment, Session, SessionTable
 from .settings import Settings, parse_policy
 from .store import open_store
-from .work import Chunk, FeedResult, GenRow, SessionInfo, StateView
+from .work import FeedResult, SessionInfo, StateView
 
 log = logging.getLogger(__name__)
 
 RESUME_WAIT_S = 10.0  # how long a resume waits for work still running from an earlier stream
 OUTPUTS = ("none", "last", "all")
-
-
-class Generation:
-    """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once."""
-
-    def __init__(self, engine: Engine, batcher: Batcher, row: GenRow, principal: auth.Principal) -> None:
-        self._engine = engine
-        self._batcher = batcher
-        self.row = row
-        self.principal = principal
-        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[Chunk]:
-        try:
-            while True:
-                chunk = await self.row.queue.get()
-                if isinstance(chunk, BaseException):  # the batcher ended it with an error (a non-finite step)
-                    raise chunk
-                yield chunk
-                if chunk.done:
-                    return
-        finally:
-            self.cancel()
-
-    def cancel(self) -> None:
-        """Stop generating now; the session keeps the state reached so far."""
-        self._batcher.cancel(self.row)
-        if not self.finished.done():
-            self.finished.set_result(None)
-            self._engine.quotas.end_generation(self.principal)
-            self._engine.quotas.refund(self.principal, self.row.max_tokens - self.row.produced)
-        self._engine._generations.discard(self)
 
 
 class Engine:
@@ -81,8 +48,8 @@ class Engine:
         if self.store is not None:
             self.keeper = Keeper(self.store, self.table, parse_policy(settings.state_sync), settings.idle_timeout,
                                  self.models.get, self._stop_work)
+        self.runner = Runner(settings, self.models, self.table, self.quotas, self._stepped, metrics)
         self.draining = False
-        self._generations: set[Generation] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,7 +92,7 @@ class Engine:
     async def drain(self, grace: float) -> None:
         """Refuse new work, let generations and long feeds finish within `grace` seconds, then cut the rest."""
         self.draining = True
-        pending = [g.finished for g in self._generations]
+        pending = [g.finished for g in self.runner.generations]
         pending += [j.future for b in self.batchers.values() for j in b.long.jobs]
         if pending:
             await asyncio.wait(pending, timeout=grace)
@@ -195,7 +162,7 @@ class Engine:
             self.keeper.expired(s)
 
     def _stop_work(self, s: Session) -> None:
-        for g in [g for g in self._generations if g.row.session is s]:
+        for g in [g for g in self.runner.generations if g.row.session is s]:
             self.batchers[s.model].end(g.row, "cancelled")
 
     # -- sessions -------------------------------------------------------------------------------------
@@ -206,19 +173,36 @@ class Engine:
         self._accepting()
         mv = self.model(name, version)
         start = inputs.start_state(mv, initial, state)
+        s = await self._new_session(mv, start)
+        s.origin = initial if initial != "given" else "given:" + hashlib.sha256(start.tobytes()).hexdigest()
+        return SessionInfo(s.id, mv, 0, False, self.settings.idle_timeout)
+
+    async def fork(self, session_id: str) -> SessionInfo:
+        """A new session with the same state, last distribution and step count (one row copy), the caller's."""
+        self._accepting()
+        src = await self._claim(session_id)
+        s = await self._new_session(src.model, src.state, src.logits, src.steps)
+        s.origin = src.origin if src.steps == 0 else None
+        return SessionInfo(s.id, s.model, s.steps, False, self.settings.idle_timeout)
+
+    async def _new_session(self, mv: ModelVersion, state: np.ndarray, logits: np.ndarray | None = None,
+                           steps: int = 0) -> Session:
+        """A session of the calling principal, within its quota and --max-sessions, written to the store."""
         who = auth.current.get()
         self.quotas.check_open(who)
         if self.keeper is not None and await self.keeper.count() >= self.settings.max_sessions:
             raise ResourceExhausted(f"the service holds its maximum of {self.settings.max_sessions} sessions "
                                     "(--max-sessions, counted in the session store); close some or try later")
-        s = self.table.create(mv, start, who.name)
+        s = self.table.create(mv, state, who.name)
+        s.set_logits(logits)
+        s.steps = steps
         if self.keeper is not None:
             try:
                 await self.keeper.created(s)
             except BaseException:
                 self.table.close(s.id)
                 raise
-        return SessionInfo(s.id, mv, 0, False, self.settings.idle_timeout)
+        return s
 
     async def resume(self, session_id: str, wait: float = RESUME_WAIT_S) -> SessionInfo:
         """Find a session by id (NOT_FOUND says unknown, closed or expired), restored or taken over if need be.
@@ -297,53 +281,22 @@ class Engine:
                    output: str = "last", top_k: int = 0, logits: bool = True) -> FeedResult:
         """Push text or token ids through a session (1 token: a batched step; more: sequence.onnx in slices).
 
-        top_k > 0 also returns the top-k ids and probabilities of each returned step (FeedResult.top),
-        computed once for the whole batch. `logits`: whether the caller will send full logits back (with
-        top_k, only to size the answer: a feed whose answer could not be sent is refused before it runs)."""
+        top_k > 0 also returns the top-k ids and probabilities of each returned step; `logits`: whether the
+        caller sends full logits back (to size the answer: one that could not be sent is refused up front)."""
         self._accepting()
         if output not in OUTPUTS:
             raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
-        s = await self._claim(session_id)
-        mv = s.model
-        top_k = max(0, int(top_k))
-        self.check_feed(mv, len(tokens), output, top_k, logits)
-        ids = inputs.encode(mv, tokens) if isinstance(tokens, str) else inputs.check_tokens(mv, tokens)
-        self.quotas.spend(auth.current.get(), len(ids))
-        s.busy = True
-        # no shield: a cancelled caller cancels only this future; the batcher still runs the feed to its end
-        # and releases the session (FeedJob bookkeeping does not depend on the future)
-        logits_out, top = await self.batchers[mv].feed(s, ids, output, top_k)
-        return FeedResult(len(ids), logits_out, s.steps, top)
+        return await self.runner.feed(await self._claim(session_id), tokens, output, top_k, logits)
 
     def check_feed(self, mv: ModelVersion, n: int, output: str = "all", top_k: int = 0, logits: bool = True) -> None:
-        """Refuse, before any work, a feed that is empty, too long, too big to answer, or over the budget of
-        tokens in flight (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit)."""
-        if n == 0:
-            raise InvalidArgument("feed has no tokens: send text or token ids")
-        inputs.check_feed_size(n, self.settings.max_feed_tokens)
-        steps_back = {"none": 0, "last": 1, "all": n}[output]
-        inputs.check_answer_size(inputs.answer_bytes(steps_back, mv.vocab_size, logits or not top_k, top_k),
-                                 self.settings.max_send_bytes, f"the answer to this feed of {n} tokens")
-        running, limit = sum(b.inflight_tokens for b in self.batchers.values()), self.settings.max_inflight_tokens
-        if running + n > limit:
-            raise ResourceExhausted(f"the server is already running {running} feed tokens; {n} more would pass "
-                                    f"its limit of {limit} (--max-inflight-tokens): retry shortly")
+        """Refuse, before any work, a feed that is empty, too long, too big to answer or over the budget."""
+        self.runner.check_feed(mv, n, output, top_k, logits)
 
     async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
                     state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
         self._accepting()
-        mv = self.model(name, version)
-        ids = inputs.check_tokens(mv, tokens)
-        self.check_feed(mv, len(ids))
-        self.quotas.spend(auth.current.get(), len(ids))
-        s = self.table.create(mv, inputs.start_state(mv, "model" if state is None else "given", state), count=False)
-        try:  # an ephemeral session: not counted against --max-sessions, never listed or stored
-            s.busy = True
-            logits, _ = await self.batchers[mv].feed(s, ids, "all")
-            return logits, s.state
-        finally:
-            self.table.discard(s)
+        return await self.runner.infer(self.model(name, version), tokens, state)
 
     async def generate(self, session_id: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
@@ -352,22 +305,7 @@ class Engine:
         self._accepting()
         inputs.check_generation(max_tokens, self.settings.max_generate_tokens, temperature, top_p, top_k, stop)
         s = await self._claim(session_id)
-        if not s.has_logits:
-            raise FailedPrecondition(f"session {session_id} has no distribution to sample from yet: "
-                                     "feed at least one token first")
-        row = GenRow(session=s, max_tokens=max_tokens, temperature=float(temperature), top_k=int(top_k),
-                     top_p=float(top_p), rng=np.random.default_rng(seed), stops=tuple(stop),
-                     chunk_tokens=chunk_tokens or self.settings.chunk_tokens,
-                     maxstop=max((len(x) for x in stop), default=0))
-        who = auth.current.get()
-        self.quotas.spend(who, max_tokens)  # what it does not generate is given back at its end
-        self.quotas.start_generation(who)
-        s.busy = True
-        b = self.batchers[s.model]
-        gen = Generation(self, b, row, who)
-        self._generations.add(gen)
-        b.generate(row)
-        return gen
+        return self.runner.generate(s, max_tokens, temperature, top_k, top_p, seed, stop, chunk_tokens)
 
     async def reset(self, session_id: str, initial: str = "model",
                     state: Sequence[float] | np.ndarray | None = None) -> int:

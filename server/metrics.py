@@ -26,6 +26,12 @@ class Metrics:
         self.nonfinite_rows = Counter("rnnserve_nonfinite_rows", "Session steps refused because the model "
                                       "gave NaN or infinite values (the session kept its state)", ["model"],
                                       registry=r)
+        self.prefix_hits = Counter("rnnserve_prefix_cache_hits", "First feeds that started from a cached prefix "
+                                   "state", registry=r)
+        self.prefix_misses = Counter("rnnserve_prefix_cache_misses", "First feeds with no cached prefix", registry=r)
+        self.prefix_tokens = Gauge("rnnserve_prefix_cache_tokens_saved", "Tokens not fed thanks to the cache",
+                                   registry=r)
+        self.prefix_bytes = Gauge("rnnserve_prefix_cache_bytes", "Memory the prefix cache holds", registry=r)
         self.broken = Gauge("rnnserve_broken_versions", "Version folders that failed to load (see the log)",
                             registry=r)
         self._children: dict[str, tuple] = {}
@@ -54,6 +60,12 @@ class Metrics:
     def nonfinite(self, model: str, rows: int) -> None:
         """Count rows whose step gave non-finite values."""
         self.nonfinite_rows.labels(model).inc(rows)
+
+    def prefix_cache(self, hit: bool, nbytes: int, saved: int) -> None:
+        """Record one prefix-cache lookup and the cache's size."""
+        (self.prefix_hits if hit else self.prefix_misses).inc()
+        self.prefix_bytes.set(nbytes)
+        self.prefix_tokens.set(saved)
 
     def broken_versions(self, n: int) -> None:
         """Set the number of version folders the last scan could not load."""

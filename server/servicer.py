@@ -191,6 +191,10 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             request.session_id, list(request.state), list(request.logits) if len(request.logits) else None,
             request.steps if request.HasField("steps") else None))
 
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.Opened:
+        """A new session with the same state, last distribution and step count."""
+        return self._opened(await self.engine.fork(request.session_id))
+
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.Closed:
         """Close a session by id."""
         return pb.Closed(session_id=await self.engine.close(request.session_id))

@@ -73,13 +73,14 @@ class Attachment:
 class Session:
     """One client sequence: where its state lives and its bookkeeping (no arrays of its own)."""
 
-    __slots__ = ("_heaped", "_idle", "attached", "busy", "closed", "deadline", "epoch", "id", "model", "pool",
-                 "principal", "row", "steps", "watchers")
+    __slots__ = ("_heaped", "_idle", "attached", "busy", "closed", "deadline", "epoch", "id", "model", "origin",
+                 "pool", "principal", "row", "steps", "watchers")
 
     def __init__(self, sid: str, pool: StatePool, row: int, principal: str = "") -> None:
         self.id = sid
         self.principal = principal  # who opened it ("" without authentication)
         self.epoch = 0  # its claim in the session store (0: no store)
+        self.origin: str | None = None  # how it started ("model", "zeros", "given:<sha256>"), for the prefix cache
         self.attached: Attachment | None = None  # the native stream it is attached to, if any
         self.watchers: set[Attachment] = set()  # KServe streams carrying it (told only when it moves away)
         self.pool = pool

@@ -41,6 +41,7 @@ class Settings:
     feed_slice_ms: float = 2.0  # target onnxruntime time of one iteration's share of multi-token feeds
     max_feed_tokens: int = 262_144  # most tokens of one feed or KServe request
     max_inflight_tokens: int = 4_194_304  # most tokens of all feeds queued or running at once
+    prefix_cache_mb: float = 64.0  # memory for the exact prefix-state cache (0 = off)
     session_store: str = "sqlite"  # memory | sqlite (a file in state_dir) | redis://HOST:PORT/DB
     state_dir: Path = Path("rnnserve-state")  # the sqlite store's folder
     state_sync: str = "step"  # step | detach | an interval such as 200ms
@@ -103,6 +104,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
      "long feeds run in slices of about this many ms of onnxruntime time, between other sessions' steps"),
     ("--max-feed-tokens", "max_feed_tokens", int, "most tokens in one feed or KServe request"),
     ("--max-inflight-tokens", "max_inflight_tokens", int, "most tokens of all feeds queued or running at once"),
+    ("--prefix-cache-mb", "prefix_cache_mb", float, "memory for the states after common prompts (0 = off)"),
     ("--session-store", "session_store", str,
      "where sessions live between requests: memory, sqlite (a file in --state-dir) or redis://HOST:PORT/DB"),
     ("--state-dir", "state_dir", Path, "folder of the sqlite session store"),
@@ -204,7 +206,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         values[dest] = raw
     s = Settings(**values)  # type: ignore[arg-type]
     problems = []
-    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "feed_slice_ms"):
+    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "feed_slice_ms", "prefix_cache_mb"):
         if not math.isfinite(getattr(s, name)):
             problems.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
     if s.session_store not in ("memory", "sqlite") and not s.session_store.startswith(
@@ -237,7 +239,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     unknown = set(s.open_services_names()) - set(OPEN_SERVICES)
     if unknown:
         problems.append(f"--auth-open knows {', '.join(OPEN_SERVICES)}, not {', '.join(sorted(unknown))}")
-    for name in ("quota_sessions", "quota_tokens_per_s", "quota_generations"):
+    for name in ("quota_sessions", "quota_tokens_per_s", "quota_generations", "prefix_cache_mb"):
         if not getattr(s, name) >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if not s.feed_slice_ms > 0:

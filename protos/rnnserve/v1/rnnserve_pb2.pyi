@@ -299,6 +299,12 @@ class StateResponse(_message.Message):
     logits: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., state: _Optional[_Iterable[float]] = ..., steps: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

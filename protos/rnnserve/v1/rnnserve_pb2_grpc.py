@@ -64,6 +64,11 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Closed.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ForkSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.Opened.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/rnnserve.v1.RnnServe/ListModels',
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ListModelsRequest.SerializeToString,
@@ -113,6 +118,14 @@ class RnnServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """A new session with the same state, last distribution and step count as an existing one (parallel
+        continuations, beam search, what-if branches): one row copy. The fork belongs to the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """The models of the repository, every loaded version, with their metadata.
         """
@@ -152,6 +165,11 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.CloseSessionRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Closed.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.Opened.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -321,6 +339,33 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/CloseSession',
             rnnserve_dot_v1_dot_rnnserve__pb2.CloseSessionRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.Closed.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ForkSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ForkSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.Opened.FromString,
             options,
             channel_credentials,
             insecure,
