@@ -29,6 +29,7 @@ from .sessions import Session, SessionTable, StatePool
 from .work import Chunk, FeedJob, GenRow, Plan
 
 log = logging.getLogger(__name__)
+ALONE_S = 0.005  # a session stepping with no other one within this long takes the direct path
 TRIM_AFTER_TOKENS = 50_000  # feed tokens after which an idle batcher returns freed heap to the system
 
 
@@ -52,6 +53,10 @@ class Batcher:
         self._run_options = ort.RunOptions()  # its terminate flag cuts a running call at shutdown
         self._nonfinite_seen = False
         self._since_trim = 0  # feed tokens since memory was last handed back to the system
+        self._running = False  # an iteration is under way (its awaits let other requests in)
+        self._last_session: Session | None = None  # the session of the last single-token feed, and when
+        self._last_at = 0.0
+        self._batching_until = 0.0  # other sessions were stepping: batch until then
         self._new_rows: list[GenRow] = []
         self._rows: dict[GenRow, None] = {}  # insertion-ordered set of generating rows
         self._inflight: set[GenRow] = set()
@@ -93,6 +98,10 @@ class Batcher:
         The future gets (logits, top): logits per `want`, top = (ids, probs) (n, top_k) when top_k > 0."""
         fut = asyncio.get_running_loop().create_future()
         job = FeedJob(session, tokens, want, fut, top_k if want != "none" else 0)
+        if len(tokens) == 1 and self._idle(session):  # nothing else to batch with: step now, in the caller's turn
+            self.inflight_tokens += 1
+            self._step_now(job)
+            return fut
         if len(tokens) == 1:
             self._feeds.append(job)
         else:
@@ -101,6 +110,30 @@ class Batcher:
         self._since_trim += len(tokens)
         self._wake.set()
         return fut
+
+    def _idle(self, session: Session) -> bool:
+        """Nothing to batch with: no iteration running, nothing queued, and no other session stepping lately
+        (when several do, their requests arrive together and one batched call serves them all)."""
+        now = time.monotonic()
+        if self._last_session is not session and now - self._last_at < ALONE_S:
+            self._batching_until = now + ALONE_S
+        self._last_session, self._last_at = session, now
+        return not (self._running or self._feeds or self.long or self._rows or self._new_rows
+                    or self.max_wait_s > 0 or self.inline_rows < 1 or now < self._batching_until)
+
+    def _step_now(self, job: FeedJob) -> None:
+        """One single-token feed run at once on the event loop: no batcher wake-up, no thread hop (the
+        ping-pong path when the batcher is idle); the same schedule -> execute -> update as an iteration."""
+        rows = np.array([job.session.row], np.int64)  # (1,)
+        plan = Plan([job], [], [], rows, np.array([int(job.tokens[0])], np.int64), self.pool.states[rows], [])
+        t0 = time.perf_counter()
+        try:
+            out_step, out_seq = self._compute(plan.step_tok, plan.step_state, [])
+        except Exception as e:  # as in an iteration: the job fails, the batcher keeps serving
+            log.exception("onnxruntime call failed for %s", self.model.key)
+            self._fail_feed(job, e)
+            return
+        self._update(plan, out_step, out_seq, time.perf_counter() - t0)
 
     def _settled(self, n: int) -> None:
         """A feed of n tokens is done with (answered, failed or cut)."""
@@ -148,12 +181,15 @@ class Batcher:
                 await asyncio.sleep(self.max_wait_s)
             if self._new_rows:
                 self._admit()
+            self._running = True
             try:
                 await self._iteration(loop)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a model failure must not kill the batcher: fail the jobs, keep serving
                 log.exception("onnxruntime call failed for %s", self.model.key)
+            finally:
+                self._running = False
 
     def _admit(self) -> None:
         rows, self._new_rows = self._new_rows, []

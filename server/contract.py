@@ -1,7 +1,7 @@
 """The ONNX contract, the one seam between trainer and server: what a version folder holds and how it is checked.
 
 A model repository is `<root>/<name>/<version>/` holding `model.json` and the ONNX graphs named in
-`ONNX_FILES`. This module is torch-free (json, numpy, onnxruntime), so the server imports it and the
+`ONNX_FILES`, plus those of `OPTIONAL_FILES` that model.json's `files` lists (`ModelMeta.onnx_files`). This module is torch-free (json, numpy, onnxruntime), so the server imports it and the
 exporter imports it from here: one schema of `model.json`, one checksum, one set of graph checks, and
 so one answer to "is this version usable" for `rnn-serve`, `rnn-export` and `rnn-export list`.
 """
@@ -20,7 +20,11 @@ import onnxruntime as ort
 META_FILE = "model.json"
 STEP_FILE = "model.onnx"  # one step: tokens (B,), state (B, S) -> logits (B, V), state_out (B, S)
 SEQUENCE_FILE = "sequence.onnx"  # a Scan of the same step: tokens (B, T), state (B, S) -> (B, T, V), (B, S)
-ONNX_FILES = (STEP_FILE, SEQUENCE_FILE)
+# K sampled steps in an ONNX Loop: state (B, S), logits (B, V), uniforms (B, K), temperature, top_k, top_p (B,)
+# -> tokens (B, K), state_out (B, S), logits_out (B, V); sampling as server/sampling.py, in float32
+GENERATE_FILE = "generate.onnx"
+ONNX_FILES = (STEP_FILE, SEQUENCE_FILE)  # in every version
+OPTIONAL_FILES = (GENERATE_FILE,)  # in a version whose model.json `files` lists them, checked like the others
 CELLS = ("elman", "gru", "lstm")
 OPSET = 17  # what the exporter writes ...
 IR_VERSION = 8  # ... and what onnxruntime 1.14 and later read
@@ -31,6 +35,10 @@ IO: dict[str, tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]] = {
                 [("logits", "tensor(float)", 2), ("state_out", "tensor(float)", 2)]),
     SEQUENCE_FILE: ([("tokens", "tensor(int64)", 2), ("state", "tensor(float)", 2)],
                     [("logits", "tensor(float)", 3), ("state_out", "tensor(float)", 2)]),
+    GENERATE_FILE: ([("state", "tensor(float)", 2), ("logits", "tensor(float)", 2), ("uniforms", "tensor(float)", 2),
+                     ("temperature", "tensor(float)", 1), ("top_k", "tensor(int64)", 1), ("top_p", "tensor(float)", 1)],
+                    [("tokens", "tensor(int64)", 2), ("state_out", "tensor(float)", 2),
+                     ("logits_out", "tensor(float)", 2)]),
 }
 
 
@@ -72,8 +80,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], Any]] = {
     "embed_size": (_is(_pos_int, "must be a positive integer"), _REQUIRED),
     "initial_state": (_is(lambda v: isinstance(v, list) and all(map(_number, v)), "must be a list of numbers"),
                       _REQUIRED),
-    "files": (_is(lambda v: isinstance(v, dict) and all(isinstance(v.get(f), str) for f in ONNX_FILES),
-                  f"must give a sha256 for {' and '.join(ONNX_FILES)}"), _REQUIRED),
+    "files": (_is(lambda v: isinstance(v, dict) and all(isinstance(v.get(f), str) for f in ONNX_FILES)
+                  and all(isinstance(v[f], str) for f in OPTIONAL_FILES if f in v),
+                  f"must give a sha256 for {' and '.join(ONNX_FILES)} (and for {', '.join(OPTIONAL_FILES)} "
+                  "when listed)"), _REQUIRED),
     "opset": (_is(_pos_int, "must be a positive integer"), _REQUIRED),
     "ir_version": (_is(_pos_int, "must be a positive integer"), _REQUIRED),
     "metrics": (_is(lambda v: isinstance(v, dict), "must be an object"), _REQUIRED),
@@ -118,6 +128,11 @@ class ModelMeta:
         """The validation loss the export measured (nats per token), if any."""
         v = self.metrics.get("val_loss")
         return float(v) if _number(v) else None
+
+    @property
+    def onnx_files(self) -> tuple[str, ...]:
+        """The ONNX files this version holds: ONNX_FILES, then the OPTIONAL_FILES that `files` lists."""
+        return ONNX_FILES + tuple(f for f in OPTIONAL_FILES if f in self.files)
 
     def initial_state_array(self) -> np.ndarray:
         """The initial state as a (S,) float32 array."""
@@ -198,9 +213,9 @@ def ir_version_of(head: bytes) -> int | None:
 
 
 def check_files(folder: str | Path, meta: ModelMeta) -> None:
-    """Every ONNX file is present, matches its sha256 in model.json and has model.json's IR version."""
+    """Every ONNX file (optional ones when listed) is present, matches its sha256 and has model.json's IR version."""
     folder = Path(folder)
-    for fname in ONNX_FILES:
+    for fname in meta.onnx_files:
         path = folder / fname
         if not path.is_file():
             raise ModelFormatError(f"{path}: missing")
@@ -224,7 +239,8 @@ def check_version(folder: str | Path) -> ModelMeta:
 def check_session(sess: ort.InferenceSession, path: str | Path, meta: ModelMeta) -> None:
     """A loaded graph's inputs, outputs and metadata_props are what the contract and model.json promise."""
     want_in, want_out = IO[Path(path).name]
-    last = {"state": meta.state_size, "state_out": meta.state_size, "logits": meta.vocab_size}
+    last = {"state": meta.state_size, "state_out": meta.state_size, "logits": meta.vocab_size,
+            "logits_out": meta.vocab_size}
     for kind, args, want_args in (("input", sess.get_inputs(), want_in), ("output", sess.get_outputs(), want_out)):
         got = [(a.name, a.type, len(a.shape)) for a in args]
         if got != want_args:
@@ -271,15 +287,40 @@ def check_step(step: ort.InferenceSession, path: str | Path, meta: ModelMeta) ->
         raise ModelFormatError(f"{path}: a step returned shapes {logits.shape}, {state_out.shape}")
 
 
+def check_generate(gen: ort.InferenceSession, step: ort.InferenceSession, path: str | Path, meta: ModelMeta) -> None:
+    """One greedy generated token from the initial state runs and agrees with model.onnx (argmax, then a step)."""
+    logits, state = step.run(["logits", "state_out"], {"tokens": np.zeros(1, np.int64),
+                                                         "state": meta.initial_state_array()[None]})  # (1, V), (1, S)
+    feeds = {"state": state, "logits": logits, "uniforms": np.zeros((1, 1), np.float32),
+             "temperature": np.zeros(1, np.float32), "top_k": np.zeros(1, np.int64), "top_p": np.zeros(1, np.float32)}
+    try:
+        tokens, state_out, logits_out = gen.run(["tokens", "state_out", "logits_out"], feeds)
+    except Exception as e:  # noqa: BLE001 -- a graph that loads but cannot run
+        raise ModelFormatError(f"{path}: one generated token from the initial state fails: {e}") from None
+    if tokens.shape != (1, 1) or state_out.shape != state.shape or logits_out.shape != logits.shape:
+        raise ModelFormatError(f"{path}: generation returned shapes {tokens.shape}, {state_out.shape}, "
+                               f"{logits_out.shape}")
+    want = np.argmax(logits, axis=1)  # (1,)
+    if tokens[0, 0] != want[0]:
+        raise ModelFormatError(f"{path}: greedy token {tokens[0, 0]} is not the argmax {want[0]} of model.onnx")
+    w_logits, w_state = step.run(["logits", "state_out"], {"tokens": want, "state": state})
+    tol = 1e-4 * max(1.0, float(np.abs(w_logits).max()))
+    diff = max(float(np.abs(logits_out - w_logits).max()), float(np.abs(state_out - w_state).max()))
+    if not diff <= tol:
+        raise ModelFormatError(f"{path}: its step differs from model.onnx's by {diff:.3g} (> {tol:.3g})")
+
+
 def verify_version_dir(path: str | Path) -> ModelMeta:
     """Check a version folder as the server loads it (schema, checksums, graphs, one step), or raise."""
     folder = Path(path)
     meta = check_version(folder)
     sessions = {}
-    for fname in ONNX_FILES:
+    for fname in meta.onnx_files:
         sessions[fname] = open_session(folder / fname)
         check_session(sessions[fname], folder / fname, meta)
     check_step(sessions[STEP_FILE], folder / STEP_FILE, meta)
+    if GENERATE_FILE in sessions:
+        check_generate(sessions[GENERATE_FILE], sessions[STEP_FILE], folder / GENERATE_FILE, meta)
     return meta
 
 

@@ -2,7 +2,9 @@
 
 Every export checks itself and writes nothing when a check fails: onnx.checker, onnxruntime step vs
 PyTorch (<= 1e-5), sequence.onnx vs a loop of model.onnx over 256 steps and vs PyTorch (<= 1e-4),
-then the written folder is verified as the server reads it (rnnserve.server.contract). Publishing is
+generate.onnx vs a loop of model.onnx (64 greedy tokens and states bitwise; sampled tokens with fixed
+uniforms equal to server.sampling's but where a uniform lies within 1e-5 of a CDF boundary), then the
+written folder is verified as the server reads it (rnnserve.server.contract). Publishing is
 one atomic rename (trainer.publish). The command line is trainer.export_cli.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..server.contract import (
+    GENERATE_FILE,
     IR_VERSION,
     META_FILE,
     OPSET,
@@ -30,6 +33,7 @@ from ..server.contract import (
     verify_version_dir,
 )
 from . import checkpoint
+from . import gen_graph as gg
 from . import onnx_graph as og
 from .model import RNNModel
 from .publish import ExportError, check_name, meta_bytes, publish, temp_dir, write_synced
@@ -63,6 +67,7 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     _check_inputs(model, vocab, name, version)
     t0 = time.perf_counter()
     protos = {STEP_FILE: og.build_step(model, vocab), SEQUENCE_FILE: og.build_sequence(model, vocab)}
+    protos[GENERATE_FILE] = gg.generate_from_step(protos[STEP_FILE])  # = gg.build_generate(model, vocab)
     for fname, proto in protos.items():
         try:
             onnx.checker.check_model(proto, full_check=True)
@@ -75,9 +80,12 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     # with the logits (about 1e-4 at |logits| ~ 20, H=512), so that limit is relative to their scale
     limits = {"step": step_tol, "sequence_vs_step": seq_tol, "sequence_vs_torch": seq_tol * checks["logit_scale"]}
     failed = [f"{k} max abs diff {checks[k]:.3g} > {limits[k]:.3g}" for k in limits if not checks[k] <= limits[k]]
+    initial = [float(x) for x in model.h0.detach().cpu().float().numpy()]
+    gen_checks = gg.generate_parity(step, open_session(blobs[GENERATE_FILE]), np.asarray(initial, np.float32))
+    failed += gg.parity_failures(gen_checks)
     if failed:
         raise ExportError(f"{name}: parity check failed: {'; '.join(failed)}")
-    initial = [float(x) for x in model.h0.detach().cpu().float().numpy()]
+    checks.update({f"generate_{k}": v for k, v in gen_checks.items()})
     out_metrics: dict[str, Any] = {"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0, **(metrics or {})}
     if eval_text is not None:
         if out_metrics.get("val_loss") is not None:
