@@ -1,8 +1,9 @@
 """The ONNX contract, the one seam between trainer and server: what a version folder holds and how it is checked.
 
 A model repository is `<root>/<name>/<version>/` holding `model.json` and the ONNX graphs named in
-`ONNX_FILES`, plus those of `OPTIONAL_FILES` that model.json's `files` lists (`ModelMeta.onnx_files`). This module is torch-free (json, numpy, onnxruntime), so the server imports it and the
-exporter imports it from here: one schema of `model.json`, one checksum, one set of graph checks, and
+`ONNX_FILES`, plus those of `OPTIONAL_FILES` that model.json's `files` lists (`ModelMeta.onnx_files`).
+This module is torch-free (json, numpy, onnxruntime), so the server imports it and the exporter imports
+it from here: one schema of `model.json`, one checksum, one set of graph checks, and
 so one answer to "is this version usable" for `rnn-serve`, `rnn-export` and `rnn-export list`.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ import onnxruntime as ort
 META_FILE = "model.json"
 STEP_FILE = "model.onnx"  # one step: tokens (B,), state (B, S) -> logits (B, V), state_out (B, S)
 SEQUENCE_FILE = "sequence.onnx"  # a Scan of the same step: tokens (B, T), state (B, S) -> (B, T, V), (B, S)
-# K sampled steps in an ONNX Loop: state (B, S), logits (B, V), uniforms (B, K), temperature, top_k, top_p (B,)
-# -> tokens (B, K), state_out (B, S), logits_out (B, V); sampling as server/sampling.py, in float32
+# K sampled steps in an ONNX Loop: state (B, S), logits (B, V), uniforms (B, K), temperature, top_k and
+# top_p (B,) -> tokens (B, K), state_out (B, S), logits_out (B, V); sampling as server/sampling.py, in float32
 GENERATE_FILE = "generate.onnx"
 ONNX_FILES = (STEP_FILE, SEQUENCE_FILE)  # in every version
 OPTIONAL_FILES = (GENERATE_FILE,)  # in a version whose model.json `files` lists them, checked like the others
@@ -35,8 +36,9 @@ IO: dict[str, tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]] = {
                 [("logits", "tensor(float)", 2), ("state_out", "tensor(float)", 2)]),
     SEQUENCE_FILE: ([("tokens", "tensor(int64)", 2), ("state", "tensor(float)", 2)],
                     [("logits", "tensor(float)", 3), ("state_out", "tensor(float)", 2)]),
-    GENERATE_FILE: ([("state", "tensor(float)", 2), ("logits", "tensor(float)", 2), ("uniforms", "tensor(float)", 2),
-                     ("temperature", "tensor(float)", 1), ("top_k", "tensor(int64)", 1), ("top_p", "tensor(float)", 1)],
+    GENERATE_FILE: ([("state", "tensor(float)", 2), ("logits", "tensor(float)", 2),
+                     ("uniforms", "tensor(float)", 2), ("temperature", "tensor(float)", 1),
+                     ("top_k", "tensor(int64)", 1), ("top_p", "tensor(float)", 1)],
                     [("tokens", "tensor(int64)", 2), ("state_out", "tensor(float)", 2),
                      ("logits_out", "tensor(float)", 2)]),
 }
@@ -213,7 +215,7 @@ def ir_version_of(head: bytes) -> int | None:
 
 
 def check_files(folder: str | Path, meta: ModelMeta) -> None:
-    """Every ONNX file (optional ones when listed) is present, matches its sha256 and has model.json's IR version."""
+    """Every ONNX file (optional ones when listed) is present, matches its sha256, has model.json's IR version."""
     folder = Path(folder)
     for fname in meta.onnx_files:
         path = folder / fname
@@ -287,12 +289,14 @@ def check_step(step: ort.InferenceSession, path: str | Path, meta: ModelMeta) ->
         raise ModelFormatError(f"{path}: a step returned shapes {logits.shape}, {state_out.shape}")
 
 
-def check_generate(gen: ort.InferenceSession, step: ort.InferenceSession, path: str | Path, meta: ModelMeta) -> None:
-    """One greedy generated token from the initial state runs and agrees with model.onnx (argmax, then a step)."""
-    logits, state = step.run(["logits", "state_out"], {"tokens": np.zeros(1, np.int64),
-                                                         "state": meta.initial_state_array()[None]})  # (1, V), (1, S)
+def check_generate(gen: ort.InferenceSession, step: ort.InferenceSession, path: str | Path,
+                   meta: ModelMeta) -> None:
+    """One greedy generated token from the initial state runs and agrees with model.onnx (argmax, a step)."""
+    feeds = {"tokens": np.zeros(1, np.int64), "state": meta.initial_state_array()[None]}
+    logits, state = step.run(["logits", "state_out"], feeds)  # (1, V), (1, S)
     feeds = {"state": state, "logits": logits, "uniforms": np.zeros((1, 1), np.float32),
-             "temperature": np.zeros(1, np.float32), "top_k": np.zeros(1, np.int64), "top_p": np.zeros(1, np.float32)}
+             "temperature": np.zeros(1, np.float32), "top_k": np.zeros(1, np.int64),
+             "top_p": np.zeros(1, np.float32)}
     try:
         tokens, state_out, logits_out = gen.run(["tokens", "state_out", "logits_out"], feeds)
     except Exception as e:  # noqa: BLE001 -- a graph that loads but cannot run
@@ -302,7 +306,7 @@ def check_generate(gen: ort.InferenceSession, step: ort.InferenceSession, path: 
                                f"{logits_out.shape}")
     want = np.argmax(logits, axis=1)  # (1,)
     if tokens[0, 0] != want[0]:
-        raise ModelFormatError(f"{path}: greedy token {tokens[0, 0]} is not the argmax {want[0]} of model.onnx")
+        raise ModelFormatError(f"{path}: greedy token {tokens[0, 0]} is not model.onnx's argmax {want[0]}")
     w_logits, w_state = step.run(["logits", "state_out"], {"tokens": want, "state": state})
     tol = 1e-4 * max(1.0, float(np.abs(w_logits).max()))
     diff = max(float(np.abs(logits_out - w_logits).max()), float(np.abs(state_out - w_state).max()))

@@ -81,7 +81,8 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     limits = {"step": step_tol, "sequence_vs_step": seq_tol, "sequence_vs_torch": seq_tol * checks["logit_scale"]}
     failed = [f"{k} max abs diff {checks[k]:.3g} > {limits[k]:.3g}" for k in limits if not checks[k] <= limits[k]]
     initial = [float(x) for x in model.h0.detach().cpu().float().numpy()]
-    gen_checks = gg.generate_parity(step, open_session(blobs[GENERATE_FILE]), np.asarray(initial, np.float32))
+    gen = open_session(blobs[GENERATE_FILE])
+    gen_checks = gg.generate_parity(step, gen, np.asarray(initial, np.float32))  # K=64 greedy and sampled
     failed += gg.parity_failures(gen_checks)
     if failed:
         raise ExportError(f"{name}: parity check failed: {'; '.join(failed)}")
