@@ -60,18 +60,18 @@ class Keeper:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="session-writer")
 
     async def stop(self) -> None:
-        """Shutdown: write and release every session in memory, then disconnect."""
+        """Shutdown: write the sessions changed since their last write, release every one in a batch, disconnect."""
         if self._flusher is not None:
             self._flusher.cancel()
-        sessions = list(self.table.live.values())
+        held = list(self.table.live.values())
+        dirty = [s for s in self.dirty if not s.closed]
         try:
-            refused = await self.store.save([(self.record(s), s.epoch) for s in sessions])
-            for s in sessions:
-                if s.id not in refused:
-                    await self.store.release(s.id, s.epoch)
-            log.info("wrote and released %d session(s) to %s", len(sessions) - len(refused), self.store.where)
+            refused = await self.store.save([(self.record(s), s.epoch) for s in dirty]) if dirty else []
+            await self.store.release_all([(s.id, s.epoch) for s in held if s.id not in refused])
+            log.info("wrote %d changed session(s) and released %d to %s", len(dirty) - len(refused),
+                     len(held) - len(refused), self.store.where)
         except StoreUnavailable as e:
-            log.error("could not write %d session(s) at shutdown: %s", len(sessions), e)
+            log.error("could not write %d session(s) at shutdown: %s", len(dirty), e)
         for t in list(self._tasks):
             t.cancel()
         await self.store.close()
@@ -83,8 +83,8 @@ class Keeper:
             return await self.guard(self.store.count())
         now = time.monotonic()
         if now - self._counted_at > COUNT_EVERY_S:
+            self._counted_at = now  # before the await: the requests meanwhile use the count we have
             self._count = await self.guard(self.store.count())
-            self._counted_at = now
         return max(self._count, len(self.table.live))
 
     # -- records ---------------------------------------------------------------------------------------------
@@ -112,16 +112,15 @@ class Keeper:
         self._spawn(self.closed(s))
 
     def changed(self, sessions: list[Session]) -> None:
-        """Sessions whose state moved on (a batch, a reset, an import): written per the policy."""
-        if self.policy == "detach":
-            return
+        """Sessions whose state moved on (a batch, a reset, an import): written per the policy (and at stop)."""
         self.dirty.update(sessions)
         if self.policy == "step":
             self._wake.set()
 
     def detached(self, s: Session) -> None:
         """A stream let go of a session: with the detach policy it is written now (in the background)."""
-        if self.policy == "detach" and not s.closed:
+        if self.policy == "detach" and not s.closed and s in self.dirty:
+            self.dirty.discard(s)
             self._spawn(self._write([s]))
 
     async def _flush_loop(self) -> None:

@@ -44,7 +44,7 @@ K = messages()
 METHODS = all_methods()
 BY_NAME = {m.name: m for m in METHODS}
 MODELS = ("tiny", "tiny-lstm", "tiny-gru")
-USES_SESSION = {"Session", "Step", "GetState", "SetState", "CloseSession"}
+USES_SESSION = {"Session", "Step", "GetState", "SetState", "CloseSession", "ForkSession"}
 # What must answer OK to a valid request: every native method, the KServe ones rnnserve serves.
 MUST_SERVE = {m.name for m in METHODS if m.path.startswith("/rnnserve.")} | {
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer",
@@ -188,6 +188,7 @@ def seed_requests(method: Method, draw: Draw, fz: Fuzz, sid: str) -> list[Messag
         "GetState": lambda: [pb.GetStateRequest(session_id=sid)],
         "SetState": lambda: [pb.SetStateRequest(session_id=sid, state=[0.5] * size)],
         "CloseSession": lambda: [pb.CloseSessionRequest(session_id=sid)],
+        "ForkSession": lambda: [pb.ForkSessionRequest(session_id=sid)],
         "ModelInfer": lambda: [infer_request(model, tokens, draw(st.sampled_from([None, seq])), start=True,
                                              end=True, raw=draw(st.booleans()), outputs=("logits", "state"))],
         "ModelStreamInfer": lambda: [infer_request(model, tokens, seq, start=True),

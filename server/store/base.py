@@ -74,6 +74,11 @@ class SessionStore(ABC):
         """Write the final record (if given) and let the session go, so another replica can claim it at
         once; False (nothing written) if the epoch is stale."""
 
+    async def release_all(self, items: Sequence[tuple[str, int]]) -> None:
+        """Let many sessions go at once (shutdown), each while its epoch is current; stores may batch it."""
+        for sid, epoch in items:
+            await self.release(sid, epoch)
+
     @abstractmethod
     async def delete(self, session_id: str, epoch: int) -> None:
         """A session closed or expired: remove it (only while `epoch` is current)."""

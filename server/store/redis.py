@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 P = "rnnserve:"
 IDX = P + "idx"
+MAX_CONNECTIONS = 64  # per replica; more calls at once queue for a connection
 HEARTBEAT_TTL_MS = 3000
 HEARTBEAT_EVERY = 1.0
 RETRY_EVERY = 0.5  # backoff of the heartbeat and the subscription while Redis is away
@@ -184,9 +185,13 @@ class RedisStore(SessionStore):
         if self._r is not None:
             return
         self._on_release = on_release_request
-        self._r = aioredis.from_url(
-            self.url, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), health_check_interval=5)
+        # a blocking pool: past its connections a call waits its turn (up to the socket timeout) instead of
+        # failing at once with "Too many connections" when hundreds of requests need the store together
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=5)
+        self._r = aioredis.Redis(connection_pool=pool)
         self._scripts = {name: self._r.register_script(src) for name, src in _SCRIPTS.items()}
         try:
             await self._call("heartbeat", self._beat())
@@ -333,6 +338,15 @@ class RedisStore(SessionStore):
         rec = ["0", "", "0", "0"] if record is None else ["1", *_body(record)]
         return bool(await self._run("release", [f"{P}s:{session_id}"],
                                     [session_id, epoch, *rec, f"{P}released:"]))
+
+    async def release_all(self, items: Sequence[tuple[str, int]]) -> None:
+        """Let many sessions go (shutdown): their release scripts pipelined, 500 to a round trip."""
+        script = self._scripts["release"]
+        for i in range(0, len(items), 500):
+            pipe = self._client().pipeline(transaction=False)
+            for sid, epoch in items[i:i + 500]:
+                await script(keys=[f"{P}s:{sid}"], args=[sid, epoch, "0", "", "0", "0", f"{P}released:"], client=pipe)
+            await self._call("release_all", pipe.execute())
 
     async def delete(self, session_id: str, epoch: int) -> None:
         """Remove a session and its aliases while `epoch` is current."""
