@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(PY) bench/kserve_bench.py
 	$(PY) bench/isolation_bench.py
 	$(PY) bench/security_bench.py
+	$(PY) bench/store_bench.py
+	$(PY) bench/scale_bench.py
 	$(PY) bench/export_bench.py
 
 # Regenerate the Python stubs from protos/ (tests/test_protos.py fails when they are stale).

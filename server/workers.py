@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -82,6 +83,9 @@ class Supervisor:
         base = self.settings.replica_id or socket.gethostname()
         metrics = self.settings.metrics_port
         extra = ["--workers", "1", "--reuse-port", "1", "--port", str(self.port), "--session-store", self.store,
+                 # one onnxruntime pool per core in every worker would spin N pools on the same cores
+                 *(["--ort-gen-threads", str(max(1, (os.cpu_count() or 1) // len(self.workers)))]
+                   if self.settings.ort_gen_threads == 0 else []),
                  "--replica-id", f"{base}-w{i}", "--metrics-port", str(metrics + i if metrics > 0 else metrics),
                  "--port-file", str(self._port_file(i))]
         return [sys.executable, "-m", "rnnserve.server.main", *self.argv, *extra]  # later flags win
