@@ -22,11 +22,11 @@ import onnxruntime as ort
 from . import memory
 from .errors import FailedPrecondition, NotFound, Unavailable
 from .feeds import LongFeeds
+from .generator import Generator
 from .repository import ModelVersion
-from .sampling import sample
 from .sampling import top_k as top_k_of
 from .sessions import Session, SessionTable, StatePool
-from .work import Chunk, FeedJob, GenRow, Plan
+from .work import FeedJob, GenRow, Plan
 
 log = logging.getLogger(__name__)
 ALONE_S = 0.005  # a session stepping with no other one within this long takes the direct path
@@ -38,7 +38,7 @@ class Batcher:
 
     def __init__(self, model: ModelVersion, pool: StatePool, table: SessionTable, max_batch: int,
                  max_wait_s: float, metrics=None, inline_rows: int = 0, slice_s: float = 0.002,
-                 on_stepped: Callable[[list[Session]], None] | None = None) -> None:
+                 on_stepped: Callable[[list[Session]], None] | None = None, gen_budget_s: float = 0.02) -> None:
         self.model = model
         self.inline_rows = inline_rows  # step batches this small run on the loop thread (no thread hop)
         self.pool = pool
@@ -57,9 +57,7 @@ class Batcher:
         self._last_session: Session | None = None  # the session of the last single-token feed, and when
         self._last_at = 0.0
         self._batching_until = 0.0  # other sessions were stepping: batch until then
-        self._new_rows: list[GenRow] = []
-        self._rows: dict[GenRow, None] = {}  # insertion-ordered set of generating rows
-        self._inflight: set[GenRow] = set()
+        self.gen = Generator(model, pool, table, gen_budget_s, self._gauge)
         self._wake = asyncio.Event()
         self._exec = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{model.key}")
         self._task: asyncio.Task | None = None
@@ -88,7 +86,7 @@ class Batcher:
 
     def stats(self) -> dict:
         """What the batcher is doing now: generating rows, queued feeds, size of the last batch."""
-        return {"generating": len(self._rows) + len(self._new_rows), "queued_feeds": len(self._feeds) + len(self.long),
+        return {"generating": len(self.gen), "queued_feeds": len(self._feeds) + len(self.long),
                 "last_batch": self.last_batch, "batches": self.batches}
 
     # -- submissions (event loop thread) -----------------------------------------------------------
@@ -118,7 +116,7 @@ class Batcher:
         if self._last_session is not session and now - self._last_at < ALONE_S:
             self._batching_until = now + ALONE_S
         self._last_session, self._last_at = session, now
-        return not (self._running or self._feeds or self.long or self._rows or self._new_rows
+        return not (self._running or self._feeds or self.long or len(self.gen)
                     or self.max_wait_s > 0 or self.inline_rows < 1 or now < self._batching_until)
 
     def _step_now(self, job: FeedJob) -> None:
@@ -128,7 +126,7 @@ class Batcher:
         plan = Plan([job], [], [], rows, np.array([int(job.tokens[0])], np.int64), self.pool.states[rows], [])
         t0 = time.perf_counter()
         try:
-            out_step, out_seq = self._compute(plan.step_tok, plan.step_state, [])
+            out_step, out_seq, _ = self._compute(plan.step_tok, plan.step_state, [])
         except Exception as e:  # as in an iteration: the job fails, the batcher keeps serving
             log.exception("onnxruntime call failed for %s", self.model.key)
             self._fail_feed(job, e)
@@ -141,29 +139,20 @@ class Batcher:
 
     def generate(self, row: GenRow) -> None:
         """Add a generating row; its first token is sampled from the session's last logits."""
-        self._new_rows.append(row)
+        self.gen.add(row)
         self._wake.set()
 
     def cancel(self, row: GenRow) -> None:
         """Remove a row at once (client gone); the session keeps the state reached so far."""
-        if row.cancelled or row.final == "done":
-            return
-        row.cancelled = True
-        if row in self._new_rows:
-            self._new_rows.remove(row)
-        self._rows.pop(row, None)
-        if row not in self._inflight:
-            self._release(row)
-        self._gauge()
+        self.gen.cancel(row)
 
     def end(self, row: GenRow, reason: str) -> None:
         """End one generation now; its handler gets a last chunk with this reason."""
-        self._finish(row, reason)
+        self.gen.finish(row, reason)
 
     def cut_all(self) -> None:
         """Shutdown: end every generation now with reason 'cancelled'; long feeds still queued fail."""
-        for row in list(self._new_rows) + list(self._rows):
-            self._finish(row, "cancelled")
+        self.gen.cut_all()
         self.long.fail_all(Unavailable("the server is shutting down: this feed was cut before its end and the "
                                        "session is as it was before it"))
 
@@ -171,16 +160,16 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not (self._feeds or self.long or self._rows or self._new_rows):
+            if not (self._feeds or self.long or len(self.gen)):
                 if self._since_trim > TRIM_AFTER_TOKENS:  # idle after a burst: give freed memory back
                     self._since_trim = 0
                     memory.trim()
                 self._wake.clear()
                 await self._wake.wait()
-            if self.max_wait_s > 0 and not self._rows and len(self._feeds) < self.max_batch:
+            if self.max_wait_s > 0 and not self.gen.rows and len(self._feeds) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
-            if self._new_rows:
-                self._admit()
+            if self.gen.new:
+                self.gen.admit()
             self._running = True
             try:
                 await self._iteration(loop)
@@ -191,34 +180,6 @@ class Batcher:
             finally:
                 self._running = False
 
-    def _admit(self) -> None:
-        rows, self._new_rows = self._new_rows, []
-        logits = self.pool.logits[[r.session.row for r in rows]]  # (R, V)
-        self._sample(rows, logits)
-        for r in rows:
-            if not r.cancelled:
-                self._rows[r] = None
-        self._gauge()
-
-    def _sample(self, rows: list[GenRow], logits: np.ndarray) -> None:
-        """Sample one token for each row (vectorized), record it, mark rows whose generation is complete."""
-        temp = np.array([r.temperature for r in rows], np.float64)
-        topk = np.array([r.top_k for r in rows], np.int64)
-        topp = np.array([r.top_p for r in rows], np.float64)
-        u = np.array([r.uniform() for r in rows])  # (R,) one per token
-        ids = sample(logits, temp, topk, topp, u)  # (R,)
-        vocab = self.model.vocab
-        for r, t in zip(rows, ids.tolist()):
-            r.token = t
-            r.produced += 1
-            r.buf.append(t)
-            if r.stops:
-                r.tail = (r.tail + vocab[t])[-r.maxstop:]
-                if any(r.tail.endswith(s) for s in r.stops):
-                    r.final = "stop"
-            if not r.final and r.produced >= r.max_tokens:
-                r.final = "length"
-
     async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
         """One step of the engine core: schedule (pick work), execute (onnxruntime), update (write back)."""
         plan = self._schedule()
@@ -227,8 +188,8 @@ class Batcher:
         # steps first, answered before the long feeds' slices run: a ping-pong client waits for one slice
         for part in plan.split():
             t0 = time.perf_counter()
-            out_step, out_seq = await self._execute(part, loop)
-            self._update(part, out_step, out_seq, time.perf_counter() - t0)
+            out_step, out_seq, out_gen = await self._execute(part, loop)
+            self._update(part, out_step, out_seq, time.perf_counter() - t0, out_gen)
 
     def _schedule(self) -> Plan | None:
         """Pick this iteration's work: single steps, then generating rows, then slices of long feeds, all
@@ -236,37 +197,36 @@ class Batcher:
         room = self.max_batch
         feeds1, self._feeds = self._feeds[:room], self._feeds[room:]
         room -= len(feeds1)
-        rows = list(self._rows)
-        if len(rows) > room:  # more generating rows than fit: rotate for fairness
-            for r in rows[:room]:
-                self._rows.pop(r)
-                self._rows[r] = None
-            rows = rows[:room]
+        rows = self.gen.pick(room)
         room -= len(rows)
         self.long.drop_closed(lambda j: NotFound(f"session {j.session.id} was closed during its feed"))
         seq_in = self.long.pick(room)
         if not (feeds1 or rows or seq_in):
             return None
+        gen_rows, gen_in = [], None
+        if self.gen.graph and rows:  # K tokens each in generate.onnx, not one in the step call
+            gen_rows, gen_in, rows = rows, self.gen.graph_inputs(rows), []
         pool = self.pool
         step_rows = np.array([j.session.row for j in feeds1] + [r.session.row for r in rows], np.int64)
         step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
         step_state = pool.states[step_rows] if len(step_rows) else None  # (B, S)
-        return Plan(feeds1, rows, [j for g, _, _ in seq_in for j in g], step_rows, step_tok, step_state, seq_in)
+        return Plan(feeds1, rows, [j for g, _, _ in seq_in for j in g], step_rows, step_tok, step_state, seq_in,
+                    gen_rows, gen_in)
 
     async def _execute(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> tuple:
         """Run the plan in onnxruntime (on the loop for small feed-only batches, else in the ort thread);
         on failure every job of the plan fails and its session is released (long feeds put back)."""
-        rows = plan.rows
-        self._inflight.update(rows)
+        rows = plan.rows + plan.gen_rows
+        self.gen.inflight.update(rows)
         try:
             if not (plan.seq_in or rows) and len(plan.step_rows) <= self.inline_rows:  # feeds only: no thread hops
                 out = self._compute(plan.step_tok, plan.step_state, plan.seq_in)
                 await asyncio.sleep(0)  # let the loop run between steps, as the thread call would
                 return out
             return await loop.run_in_executor(self._exec, self._compute, plan.step_tok, plan.step_state,
-                                              plan.seq_in, bool(rows))
+                                              plan.seq_in, bool(rows), plan.gen_in)
         except Exception as e:
-            self._inflight.difference_update(rows)
+            self.gen.inflight.difference_update(rows)
             for j in plan.feeds1:
                 self._fail_feed(j, e)
             for j in plan.seqs:
@@ -275,21 +235,24 @@ class Batcher:
                 if r.cancelled:
                     self.table.finish_op(r.session)
                 else:
-                    self._finish(r, "cancelled")
+                    self.gen.finish(r, "cancelled")
             raise
         finally:
-            self._inflight.difference_update(rows)
+            self.gen.inflight.difference_update(rows)
 
-    def _update(self, plan: Plan, out_step, out_seq, dt: float) -> None:
+    def _update(self, plan: Plan, out_step, out_seq, dt: float, out_gen=None) -> None:
         """Write finite states and logits back into the pool, answer the feeds, advance the generating rows."""
         feeds1, rows, step_rows = plan.feeds1, plan.rows, plan.step_rows
         pool = self.pool
         moved: list[Session] = []  # sessions whose state moved on (whole feeds, generated tokens)
-        self.last_batch = len(step_rows)
+        if len(step_rows) or plan.gen_rows or not plan.seq_in:
+            self.last_batch = len(step_rows) + len(plan.gen_rows)  # rows stepped (or generating) together
         self.batches += 1
         if self.metrics is not None:
+            generated = len(rows) + (out_gen[0].size if out_gen is not None else 0)
             self.metrics.observe_batch(self.model.key, len(step_rows), dt,
-                                       len(step_rows) + sum(t.size for _, t, _ in plan.seq_in), len(rows))
+                                       len(step_rows) + sum(t.size for _, t, _ in plan.seq_in) + generated - len(rows),
+                                       generated)
         if out_step is not None:
             logits, state = out_step  # (B, V), (B, S)
             bad = self._nonfinite(logits, state)  # (B,)
@@ -310,10 +273,15 @@ class Batcher:
             if rows:
                 n1 = len(feeds1)
                 for i in np.nonzero(bad[n1:])[0]:
-                    self._fail_row(rows[i], self._poisoned(rows[i].session))
+                    self.gen.fail_row(rows[i], self._poisoned(rows[i].session))
                 good = [i for i in range(len(rows)) if not bad[n1 + i]]
-                self._advance([rows[i] for i in good], logits_rows=logits[[n1 + i for i in good]])
+                self.gen.after_step([rows[i] for i in good], logits[[n1 + i for i in good]])
                 moved += [rows[i].session for i in good]
+        if plan.gen_rows and out_gen is not None:
+            tokens, state, logits = out_gen  # (B, K), (B, S), (B, V)
+            self.gen.timed(len(plan.gen_rows), tokens.shape[1], dt)
+            moved += self.gen.after_graph(plan.gen_rows, plan.gen_in["state"], out_gen, self._nonfinite(logits, state),
+                                          self._replay, lambda r: self._poisoned(r.session))
         for (g, tok, _), (logits, state, seconds) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
             self.long.timed(len(g), tok.shape[1], seconds)
             bad = self._nonfinite(logits, state)
@@ -345,11 +313,12 @@ class Batcher:
                                   "the session keeps its state from before this request (its state, or the model, "
                                   "does not give finite outputs)")
 
-    def _compute(self, tok, state, seq_in, gen: bool = False):
-        """Runs in the onnxruntime thread: one step call and one sequence call per slice length, each timed.
+    def _compute(self, tok, state, seq_in, gen: bool = False, gen_in: dict | None = None):
+        """Runs in the onnxruntime thread: one step call, one sequence call per slice length (each timed) and
+        one generation call; any may be empty.
 
-        gen: the batch has generating rows; it runs on the step session with generation's threading."""
-        out_step, ro = None, self._run_options
+        gen: the batch has generating rows; the step and generation calls use generation's threading."""
+        out_step, out_gen, ro = None, None, self._run_options
         if len(tok):
             step = self.model.step_gen if gen and self.model.step_gen is not None else self.model.step
             out_step = step.run(["logits", "state_out"], {"tokens": tok, "state": state}, ro)
@@ -358,7 +327,14 @@ class Batcher:
             t0 = time.perf_counter()
             logits, st = self.model.sequence.run(["logits", "state_out"], {"tokens": t, "state": s}, ro)
             out_seq.append((logits, st, time.perf_counter() - t0))
-        return out_step, out_seq
+        if gen_in is not None:
+            out_gen = self.model.generate.run(["tokens", "state_out", "logits_out"], gen_in, ro)
+        return out_step, out_seq, out_gen
+
+    def _replay(self, tokens: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The state (S,) and logits (V,) after `tokens` (n,) from `state`: a generation cut at a stop."""
+        logits, st = self.model.sequence.run(["logits", "state_out"], {"tokens": tokens[None], "state": state[None]})
+        return st[0], logits[0, -1]
 
     def _done_feed(self, j: FeedJob, logits: np.ndarray, top) -> None:
         """A single-token feed is answered."""
@@ -375,65 +351,6 @@ class Batcher:
         if not j.future.done():
             j.future.set_exception(error)
 
-    def _fail_row(self, r: GenRow, error: BaseException) -> None:
-        """A generation ends with an error: tokens already stepped go out first, then the error."""
-        self._rows.pop(r, None)
-        if r.final == "done" or r.cancelled:
-            self.table.finish_op(r.session)
-            return
-        r.buf.pop()  # its step failed: not part of the state
-        if r.buf:
-            self._emit(r, done=False)
-        r.final = "done"
-        self.table.finish_op(r.session)
-        r.queue.put_nowait(error)
-        self._gauge()
-
-    def _advance(self, rows: list[GenRow], logits_rows: np.ndarray) -> None:
-        """After a step: count it, finish completed rows, sample the next token of the others."""
-        cont, cont_idx = [], []
-        for i, r in enumerate(rows):
-            r.session.steps += 1
-            if r.cancelled or r.final == "done":  # left while its step was in flight
-                self.table.finish_op(r.session)
-            elif r.final:
-                self._finish(r, r.final)
-            else:
-                cont.append(r)
-                cont_idx.append(i)
-                if len(r.buf) >= (r.chunk_tokens if r.emitted else 1):  # first token at once: low TTFT
-                    self._emit(r, done=False)
-        if cont:
-            self._sample(cont, logits_rows[cont_idx])
-
-    def _emit(self, r: GenRow, done: bool, reason: str = "") -> None:
-        vocab = self.model.vocab
-        # A step still in flight is counted when it lands; the handler reads the count now.
-        steps = r.session.steps + (1 if r in self._inflight else 0)
-        r.queue.put_nowait(Chunk(r.buf, "".join([vocab[t] for t in r.buf]), done, reason, steps))
-        r.buf = []
-        r.emitted = True
-
-    def _finish(self, r: GenRow, reason: str) -> None:
-        """End a generation: release the session (now, or after its in-flight step) and send the last chunk."""
-        self._rows.pop(r, None)
-        if r in self._new_rows:
-            self._new_rows.remove(r)
-        if r.final == "done" or r.cancelled:
-            return
-        inflight = r in self._inflight
-        if reason == "cancelled" and not inflight and r.buf:
-            r.buf.pop()  # sampled but never stepped: not part of the state, so not reported
-        r.final = "done"
-        if not inflight:
-            self.table.finish_op(r.session)
-        self._emit(r, done=True, reason=reason)
-        self._gauge()
-
-    def _release(self, r: GenRow) -> None:
-        r.final = "done"
-        self.table.finish_op(r.session)
-
-    def _gauge(self) -> None:
+    def _gauge(self, n: int) -> None:
         if self.metrics is not None:
-            self.metrics.generating(self.model.key, len(self._rows) + len(self._new_rows))
+            self.metrics.generating(self.model.key, n)

@@ -9,12 +9,15 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import (
+    GENERATE_FILE,
     META_FILE,
     ONNX_FILES,
+    OPTIONAL_FILES,
     SEQUENCE_FILE,
     STEP_FILE,
     ModelFormatError,
     ModelMeta,
+    check_generate,
     check_session,
     check_version,
     open_session,
@@ -42,6 +45,7 @@ class ModelVersion:
     sequence: ort.InferenceSession
     char_ids: dict[str, int] = field(default_factory=dict)
     step_gen: ort.InferenceSession | None = None  # model.onnx with generation's threading (None: step)
+    generate: ort.InferenceSession | None = None  # generate.onnx, K sampled steps a call (None: not exported)
 
     def __post_init__(self) -> None:
         self.char_ids = {c: i for i, c in enumerate(self.vocab)}
@@ -86,12 +90,18 @@ def load_version(vdir: Path, providers: list[str], threads: int = 1,
             sess = open_session(vdir / fname, _options(n), providers)
             check_session(sess, vdir / fname, meta)
             sessions.append(sess)
+        generate = None
+        if GENERATE_FILE in meta.onnx_files:
+            generate = open_session(vdir / GENERATE_FILE, _options(gen_threads), providers)
+            check_session(generate, vdir / GENERATE_FILE, meta)
+            check_generate(generate, sessions[0], vdir / GENERATE_FILE, meta)
     except ModelFormatError as e:
         raise LoadError(_relative(str(e), vdir)) from None
     return ModelVersion(
         name=vdir.parent.name, version=int(vdir.name), path=vdir, meta=meta, vocab=list(meta.vocab),
         state_size=meta.state_size, initial_state=meta.initial_state_array(),
-        step=sessions[0], sequence=sessions[1], step_gen=sessions[2] if len(sessions) > 2 else None)
+        step=sessions[0], sequence=sessions[1], step_gen=sessions[2] if len(sessions) > 2 else None,
+        generate=generate)
 
 
 def _relative(message: str, vdir: Path) -> str:
@@ -102,7 +112,7 @@ def _relative(message: str, vdir: Path) -> str:
 def _fingerprint(vdir: Path) -> tuple:
     """Cheap change detector for a version folder (sizes and mtimes), so a failure is logged once."""
     out = []
-    for name in (META_FILE, *ONNX_FILES):
+    for name in (META_FILE, *ONNX_FILES, *OPTIONAL_FILES):
         try:
             st = (vdir / name).stat()
             out.append((name, st.st_size, st.st_mtime_ns))

@@ -39,6 +39,7 @@ class Settings:
     ort_gen_threads: int = 0  # the same for step batches with generating rows (0 = one per core)
     inline_rows: int = 64  # feed-only step batches up to this size run on the event loop; 0 = never
     feed_slice_ms: float = 2.0  # target onnxruntime time of one iteration's share of multi-token feeds
+    gen_slice_ms: float = 20.0  # longest generation call (K tokens for every generating row)
     max_feed_tokens: int = 262_144  # most tokens of one feed or KServe request
     max_inflight_tokens: int = 4_194_304  # most tokens of all feeds queued or running at once
     prefix_cache_mb: float = 64.0  # memory for the exact prefix-state cache (0 = off)
@@ -102,6 +103,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--inline-rows", "inline_rows", int, "feed-only batches up to this many rows skip the onnxruntime thread"),
     ("--feed-slice-ms", "feed_slice_ms", float,
      "long feeds run in slices of about this many ms of onnxruntime time, between other sessions' steps"),
+    ("--gen-slice-ms", "gen_slice_ms", float,
+     "longest generate.onnx call: K tokens for every generating row, within --chunk-tokens"),
     ("--max-feed-tokens", "max_feed_tokens", int, "most tokens in one feed or KServe request"),
     ("--max-inflight-tokens", "max_inflight_tokens", int, "most tokens of all feeds queued or running at once"),
     ("--prefix-cache-mb", "prefix_cache_mb", float, "memory for the states after common prompts (0 = off)"),
@@ -206,7 +209,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         values[dest] = raw
     s = Settings(**values)  # type: ignore[arg-type]
     problems = []
-    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "feed_slice_ms", "prefix_cache_mb"):
+    for name in ("max_wait_ms", "idle_timeout", "grace", "poll_interval", "feed_slice_ms", "prefix_cache_mb",
+                 "gen_slice_ms"):
         if not math.isfinite(getattr(s, name)):
             problems.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(s, name)}")
     if s.session_store not in ("memory", "sqlite") and not s.session_store.startswith(
@@ -242,6 +246,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     for name in ("quota_sessions", "quota_tokens_per_s", "quota_generations", "prefix_cache_mb"):
         if not getattr(s, name) >= 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not s.gen_slice_ms > 0:
+        problems.append(f"--gen-slice-ms must be > 0, got {s.gen_slice_ms}")
     if not s.feed_slice_ms > 0:
         problems.append(f"--feed-slice-ms must be > 0, got {s.feed_slice_ms}")
     if s.metrics_port < -1:

@@ -88,14 +88,21 @@ class Plan:
     step_tok: np.ndarray  # (B,) int64
     step_state: np.ndarray | None  # (B, S)
     seq_in: list[tuple[list[FeedJob], np.ndarray, np.ndarray]]  # per slice length: jobs, (G, T), (G, S)
+    gen_rows: list[GenRow] = field(default_factory=list)  # rows generating K tokens in generate.onnx
+    gen_in: dict[str, np.ndarray] | None = None  # its inputs
 
     def split(self) -> list[Plan]:
-        """The step part and the slice part as two plans (run in that order), or this plan alone."""
-        if not (self.seq_in and len(self.step_rows)):
-            return [self]
+        """The step part, the generation call and the slices as separate plans, run in that order (steps
+        answered first: a ping-pong client then waits for one other call at most), or this plan alone."""
         none = np.zeros(0, np.int64)
-        return [Plan(self.feeds1, self.rows, [], self.step_rows, self.step_tok, self.step_state, []),
-                Plan([], [], self.seqs, none, none, None, self.seq_in)]
+        parts = []
+        if len(self.step_rows):
+            parts.append(Plan(self.feeds1, self.rows, [], self.step_rows, self.step_tok, self.step_state, []))
+        if self.gen_rows:
+            parts.append(Plan([], [], [], none, none, None, [], self.gen_rows, self.gen_in))
+        if self.seq_in:
+            parts.append(Plan([], [], self.seqs, none, none, None, self.seq_in))
+        return parts if len(parts) > 1 else [self]
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,17 @@ def test_limits_are_refused_up_front_with_the_limit_named(tiny_repo: Path) -> No
 
 
 # ----------------------------------------------------------------------------- non-finite outputs
+def _graphs(graph):
+    """A graph and every subgraph inside its nodes' attributes (Scan and Loop bodies)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
 def poisoned_repo(tiny_repo: Path, tmp_path: Path, token: int) -> Path:
     """A copy of tiny/1 whose folded embedding row for `token` is NaN (checksums updated): stepping that
     token gives NaN logits and state; every other token is fine."""
@@ -142,14 +153,15 @@ def poisoned_repo(tiny_repo: Path, tmp_path: Path, token: int) -> Path:
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
     d = repo / "tiny" / "1"
     meta = json.loads((d / "model.json").read_text())
-    for fname in ("model.onnx", "sequence.onnx"):
+    for fname in [f for f in ("model.onnx", "sequence.onnx", "generate.onnx") if f in meta["files"]]:
         m = onnx.load(str(d / fname))
-        for init in m.graph.initializer:
-            arr = numpy_helper.to_array(init)
-            if arr.ndim == 2 and arr.shape[0] == len(meta["vocab"]):  # the table gathered by token id
-                arr = arr.copy()
-                arr[token] = np.nan
-                init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        for graph in _graphs(m.graph):  # the generation graph keeps its weights inside its Loop's body
+            for init in graph.initializer:
+                arr = numpy_helper.to_array(init)
+                if arr.ndim == 2 and arr.shape[0] == len(meta["vocab"]):  # the table gathered by token id
+                    arr = arr.copy()
+                    arr[token] = np.nan
+                    init.CopyFrom(numpy_helper.from_array(arr, init.name))
         onnx.save(m, str(d / fname))
         meta["files"][fname] = sha256_file(d / fname)
     (d / "model.json").write_text(json.dumps(meta))

@@ -341,7 +341,7 @@ def test_sigterm_hands_every_session_to_the_others_without_loss(tiny_repo: Path,
         hit = by_replica[victim]
         run_until(workers, lambda: all(moved_on(w) for w in hit), 30)
         assert replica.wait(15) == 0, replica.log.read_text()[-3000:]
-        assert "wrote and released" in replica.log.read_text()
+        assert "changed session(s) and released" in replica.log.read_text()
         for w in workers:
             w.stop.set()
         for t in threads:

@@ -187,6 +187,22 @@ def test_round_trips(new_store: Factory) -> None:
     run(main)
 
 
+def test_release_all_lets_every_session_go_at_once(new_store: Factory) -> None:
+    """Shutdown's batch release: each session released while its epoch is current, a stale one untouched."""
+    async def main() -> None:
+        s = await started(new_store())
+        try:
+            recs = [record() for _ in range(150)]
+            epochs = [await s.create(r) for r in recs]
+            stale = (await s.claim(recs[0].id)).epoch  # recs[0] moved on: its old epoch is stale
+            await s.release_all([(r.id, e) for r, e in zip(recs, epochs)])
+            assert await s.save([(recs[1], epochs[1])]) == [recs[1].id]  # released: no longer ours
+            assert await s.save([(recs[0], stale)]) == []  # the stale release did not touch it
+        finally:
+            await s.close()
+    run(main)
+
+
 def test_stale_epoch_is_refused(new_store: Factory) -> None:
     async def main() -> None:
         s = await started(new_store())

@@ -23,6 +23,7 @@ from typing import Any
 from ..server.contract import (
     META_FILE,
     ONNX_FILES,
+    OPTIONAL_FILES,
     ModelFormatError,
     check_version,
     sha256_file,
@@ -77,7 +78,7 @@ def _fill(row: dict[str, Any], path: Path) -> None:
     meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     row.update(path=str(path), version=meta["version"], val_loss=meta["metrics"].get("val_loss"),
                parity=max((v for k, v in meta.get("checks", {}).items() if k in PARITY_KEYS), default=None),
-               sizes={f: (path / f).stat().st_size for f in ONNX_FILES})
+               sizes={f: (path / f).stat().st_size for f in (*ONNX_FILES, *OPTIONAL_FILES) if (path / f).is_file()})
 
 
 _INDEX: dict[Path, dict[int, dict[str, Any]]] = {}  # per process: name folder -> version -> its "source"

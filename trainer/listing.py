@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ..server.contract import (
-    ONNX_FILES,
     ModelFormatError,
     check_version,
     model_names,
@@ -41,7 +40,7 @@ def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
                 meta = verify_version_dir(d) if verify else check_version(d)
                 row.update(cell=meta.cell, hidden_size=meta.hidden_size, layers=meta.layers,
                            val_loss=meta.metrics.get("val_loss"),
-                           size=sum((d / f).stat().st_size for f in ONNX_FILES))
+                           size=sum((d / f).stat().st_size for f in meta.onnx_files))
             except (OSError, ModelFormatError) as e:
                 row["status"] = f"broken: {e}"
             rows.append(row)

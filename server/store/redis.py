@@ -340,13 +340,9 @@ class RedisStore(SessionStore):
                                     [session_id, epoch, *rec, f"{P}released:"]))
 
     async def release_all(self, items: Sequence[tuple[str, int]]) -> None:
-        """Let many sessions go (shutdown): their release scripts pipelined, 500 to a round trip."""
-        script = self._scripts["release"]
-        for i in range(0, len(items), 500):
-            pipe = self._client().pipeline(transaction=False)
-            for sid, epoch in items[i:i + 500]:
-                await script(keys=[f"{P}s:{sid}"], args=[sid, epoch, "0", "", "0", "0", f"{P}released:"], client=pipe)
-            await self._call("release_all", pipe.execute())
+        """Let many sessions go (shutdown), MAX_CONNECTIONS releases in flight at a time."""
+        for i in range(0, len(items), MAX_CONNECTIONS):
+            await asyncio.gather(*(self.release(sid, epoch) for sid, epoch in items[i:i + MAX_CONNECTIONS]))
 
     async def delete(self, session_id: str, epoch: int) -> None:
         """Remove a session and its aliases while `epoch` is current."""
