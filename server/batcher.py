@@ -203,15 +203,19 @@ class Batcher:
         seq_in = self.long.pick(room)
         if not (feeds1 or rows or seq_in):
             return None
-        gen_rows, gen_in = [], None
+        gen_rows, gen_in, gen_first = [], None, None
         if self.gen.graph and rows:  # K tokens each in generate.onnx, not one in the step call
-            gen_rows, gen_in, rows = rows, self.gen.graph_inputs(rows), []
+            first = [r for r in rows if not r.emitted]
+            gen_rows = [r for r in rows if r.emitted]
+            gen_first = (first, self.gen.graph_inputs(first)) if first else None
+            gen_in = self.gen.graph_inputs(gen_rows) if gen_rows else None
+            rows = []
         pool = self.pool
         step_rows = np.array([j.session.row for j in feeds1] + [r.session.row for r in rows], np.int64)
         step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
         step_state = pool.states[step_rows] if len(step_rows) else None  # (B, S)
         return Plan(feeds1, rows, [j for g, _, _ in seq_in for j in g], step_rows, step_tok, step_state, seq_in,
-                    gen_rows, gen_in)
+                    gen_rows, gen_in, gen_first)
 
     async def _execute(self, plan: Plan, loop: asyncio.AbstractEventLoop) -> tuple:
         """Run the plan in onnxruntime (on the loop for small feed-only batches, else in the ort thread);

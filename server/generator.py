@@ -75,7 +75,7 @@ class Generator:
     def graph_inputs(self, rows: list[GenRow]) -> dict[str, np.ndarray]:
         """generate.onnx's inputs for these rows: K from what they need, the chunk size and the time budget."""
         if any(not r.emitted for r in rows):
-            k = 1  # a first chunk goes out after one token
+            k = 1  # a first chunk goes out after one token (the batcher gives new rows a call of their own)
         else:
             k = min(min(r.chunk_tokens, r.max_tokens - r.produced) for r in rows)
             est = self._estimate(len(rows))
@@ -84,7 +84,7 @@ class Generator:
         k = max(1, k)
         idx = [r.session.row for r in rows]
         return {"state": self.pool.states[idx], "logits": self.pool.logits[idx],  # (B, S), (B, V)
-                "uniforms": np.array([[r.uniform() for _ in range(k)] for r in rows], np.float32),  # (B, K)
+                "uniforms": np.array([r.next_uniforms(k) for r in rows], np.float32),  # (B, K)
                 "temperature": np.array([r.temperature for r in rows], np.float32),
                 "top_k": np.array([r.top_k for r in rows], np.int64),
                 "top_p": np.array([r.top_p for r in rows], np.float32)}
@@ -119,11 +119,17 @@ class Generator:
                 self.table.finish_op(s)
                 continue
             keep, k = tokens.shape[1], tokens.shape[1]
-            for j, t in enumerate(tokens[i].tolist()):
-                self._take(r, t)
-                if r.final:
-                    keep = j + 1
-                    break
+            if r.stops:
+                for j, t in enumerate(tokens[i].tolist()):
+                    self._take(r, t)
+                    if r.final:
+                        keep = j + 1
+                        break
+            else:  # no stop strings: the whole chunk at once (K is never past max_tokens)
+                r.buf.extend(tokens[i].tolist())
+                r.produced += k
+                if r.produced >= r.max_tokens:
+                    r.final = "length"
             st, lg = state_out[i], logits_out[i]
             if keep < k:  # a stop inside the chunk: the state after the stop, not after the chunk
                 st, lg = replay(tokens[i, :keep], start[i])

@@ -88,14 +88,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.bad_messages.note(method, kind, f"{bad.size} bytes: {str(bad.error)[:200]}")
         return InvalidArgument(f"{position} is not a valid request message for {method} ({kind}, {bad.size} bytes)")
 
-    async def _checked(self, requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    def _checked(self, requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
         """A request stream whose undecodable messages raise INVALID_ARGUMENT in the handler."""
-        n = 0
-        async for r in requests:
-            n += 1
-            if isinstance(r, Undecodable):
-                raise self._invalid(method, r, f"message {n} of this stream")
-            yield r
+        return _Checked(requests, lambda bad, n: self._invalid(method, bad, f"message {n} of this stream"))
 
     def _wrap(self, behavior: Callable, method: str, streaming_in: bool) -> Callable:
         count = self._count
@@ -133,6 +128,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 count(e.code.name)
                 await context.abort(e.code, e.message)
         return called
+
+
+class _Checked:
+    """An async iterator over a request stream (a plain class: cheaper per message than a generator)."""
+
+    __slots__ = ("_it", "_n", "_refuse")
+
+    def __init__(self, requests: AsyncIterator[Any], refuse: Callable[[Undecodable, int], ServeError]) -> None:
+        self._it = aiter(requests)
+        self._n = 0
+        self._refuse = refuse
+
+    def __aiter__(self) -> _Checked:
+        return self
+
+    async def __anext__(self) -> Any:
+        r = await anext(self._it)
+        self._n += 1
+        if type(r) is Undecodable:
+            raise self._refuse(r, self._n)
+        return r
 
 
 def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

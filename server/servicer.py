@@ -18,21 +18,11 @@ from .work import FeedResult
 
 log = logging.getLogger(__name__)
 
-async def _next(requests: AsyncIterator[pb.SessionRequest], hold) -> pb.SessionRequest | None:
-    """The stream's next request (None at its end), unless its session leaves it first: then ABORTED."""
-    nxt = asyncio.ensure_future(anext(requests))
-    try:
-        if hold is not None:
-            await asyncio.wait((nxt, hold.ended), return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                raise Aborted(f"{hold.ended.result()}: this stream no longer holds it (resume it to continue)")
-        return await nxt
-    except StopAsyncIteration:
-        return None
-    finally:  # cut short (ABORTED, or the call cancelled): the pending read goes, its outcome is consumed
-        if not nxt.done():
-            nxt.cancel()
-        nxt.add_done_callback(lambda f: f.cancelled() or f.exception())
+def _cut_on_end(hold) -> None:
+    """When the session leaves this stream, interrupt the stream's handler where it waits (it then ends the
+    call with ABORTED); costs nothing per message, unlike racing every read against the hold."""
+    task = asyncio.current_task()
+    hold.ended.add_done_callback(lambda _f: task.cancel())
 
 
 _INITIAL = {pb.INITIAL_STATE_MODEL: "model", pb.INITIAL_STATE_ZEROS: "zeros", pb.INITIAL_STATE_GIVEN: "given"}
@@ -114,9 +104,8 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         """One stream: open/resume, then feed/generate/reset/close; errors answer in-stream. The stream holds
         its session: resumed on another stream or moved to another replica, it ends here with ABORTED."""
         sid, hold = "", None
-        requests = aiter(request_iterator)
         try:
-            while (req := await _next(requests, hold)) is not None:
+            async for req in request_iterator:
                 rid = req.request_id
                 kind = req.WhichOneof("kind")
                 try:
@@ -128,6 +117,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                         if hold is not None:
                             self.engine.detach(sid, hold)
                         sid, hold = info.session_id, self.engine.attach(info.session_id)
+                        _cut_on_end(hold)
                         yield pb.SessionResponse(session_id=sid, request_id=rid, opened=self._opened(info))
                     elif kind is None:
                         raise InvalidArgument("empty request: set one of open, resume, feed, generate, reset, close")
@@ -151,6 +141,13 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                     self._count(e)
                     yield pb.SessionResponse(session_id=sid, request_id=rid,
                                              error=pb.Error(code=e.code.value[0], message=e.message))
+        except asyncio.CancelledError:
+            if hold is None or not hold.ended.done():
+                raise  # the call itself was cancelled (the client went away)
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):
+                task.uncancel()
+            raise Aborted(f"{hold.ended.result()}: this stream no longer holds it (resume it to continue)") from None
         finally:
             if hold is not None:
                 self.engine.detach(sid, hold)

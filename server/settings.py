@@ -39,7 +39,7 @@ class Settings:
     ort_gen_threads: int = 0  # the same for step batches with generating rows (0 = one per core)
     inline_rows: int = 64  # feed-only step batches up to this size run on the event loop; 0 = never
     feed_slice_ms: float = 2.0  # target onnxruntime time of one iteration's share of multi-token feeds
-    gen_slice_ms: float = 20.0  # longest generation call (K tokens for every generating row)
+    gen_slice_ms: float = 12.0  # longest generation call (K tokens for every generating row)
     max_feed_tokens: int = 262_144  # most tokens of one feed or KServe request
     max_inflight_tokens: int = 4_194_304  # most tokens of all feeds queued or running at once
     prefix_cache_mb: float = 64.0  # memory for the exact prefix-state cache (0 = off)

@@ -76,6 +76,18 @@ class GenRow:
             self.uniforms = self.rng.random(min(64, max(1, self.max_tokens - self.produced))).tolist()[::-1]
         return self.uniforms.pop()
 
+    def next_uniforms(self, k: int) -> list[float]:
+        """The next k uniforms of the stream, in order (the same numbers as k calls of uniform())."""
+        out: list[float] = []
+        while len(out) < k:
+            if not self.uniforms:
+                self.uniforms = self.rng.random(min(64, max(k - len(out), self.max_tokens - self.produced))
+                                                ).tolist()[::-1]
+            take = min(k - len(out), len(self.uniforms))
+            out.extend(self.uniforms[:-take - 1:-1])
+            del self.uniforms[-take:]
+        return out
+
 
 @dataclass(eq=False)
 class Plan:
@@ -90,6 +102,7 @@ class Plan:
     seq_in: list[tuple[list[FeedJob], np.ndarray, np.ndarray]]  # per slice length: jobs, (G, T), (G, S)
     gen_rows: list[GenRow] = field(default_factory=list)  # rows generating K tokens in generate.onnx
     gen_in: dict[str, np.ndarray] | None = None  # its inputs
+    gen_first: tuple[list[GenRow], dict[str, np.ndarray]] | None = None  # new rows: their first token, K=1
 
     def split(self) -> list[Plan]:
         """The step part, the generation call and the slices as separate plans, run in that order (steps
@@ -98,11 +111,13 @@ class Plan:
         parts = []
         if len(self.step_rows):
             parts.append(Plan(self.feeds1, self.rows, [], self.step_rows, self.step_tok, self.step_state, []))
+        if self.gen_first is not None:  # first tokens in a call of their own: K=1 does not hold the others back
+            parts.append(Plan([], [], [], none, none, None, [], *self.gen_first))
         if self.gen_rows:
             parts.append(Plan([], [], [], none, none, None, [], self.gen_rows, self.gen_in))
         if self.seq_in:
             parts.append(Plan([], [], self.seqs, none, none, None, self.seq_in))
-        return parts if len(parts) > 1 else [self]
+        return parts if len(parts) > 1 or self.gen_first is not None else [self]
 
 
 @dataclass(frozen=True)

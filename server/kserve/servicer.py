@@ -168,7 +168,7 @@ class KServeServicer:
         def hold(sid: str) -> None:
             if sid and sid not in holds and (h := self.engine.watch(sid)) is not None:
                 holds[sid] = h
-                h.ended.add_done_callback(lambda f: moved.done() or moved.set_result(f.result()))
+                h.ended.add_done_callback(lambda f: moved.done() or (moved.set_result(f.result()), me.cancel()))
 
         async def answer(req: Any) -> None:
             resp, held = await self._stream_one(req)
@@ -185,26 +185,19 @@ class KServeServicer:
             while tasks:
                 await asyncio.wait(list(tasks))
 
-        it = aiter(requests)
+        me = asyncio.current_task()
         try:
-            while True:
-                nxt = asyncio.ensure_future(anext(it))
-                nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed whatever happens
-                try:
-                    await asyncio.wait((nxt, moved), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not nxt.done() and (moved.done() or asyncio.current_task().cancelling()):
-                        nxt.cancel()
-                if moved.done() and not nxt.done():
-                    await drain()
-                    raise Aborted(f"a sequence on this stream: {moved.result()}; resume it on a new stream")
-                try:
-                    req = nxt.result()
-                except StopAsyncIteration:
-                    break
+            async for req in requests:
                 t = asyncio.ensure_future(answer(req))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
+        except asyncio.CancelledError:
+            if not moved.done():
+                raise  # the call itself was cancelled (the client went away)
+            if hasattr(me, "uncancel"):
+                me.uncancel()
+            await drain()
+            raise Aborted(f"a sequence on this stream: {moved.result()}; resume it on a new stream") from None
         except ServeError:  # a message that does not parse: the answers under way go out, then the status
             await drain()
             raise
