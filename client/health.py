@@ -1,14 +1,21 @@
 """`rnn-health`: exit 0 iff the server's grpc.health.v1 Check answers SERVING (the docker healthcheck).
 
+The target is --target, else RNNSERVE_HEALTH_TARGET, else RNNSERVE_TARGET (rnn-client's), else
+127.0.0.1:8001; the credentials flags read RNNSERVE_HEALTH_* only (in the server's container RNNSERVE_*
+configure the server). Exit status, the convention of every rnnserve command line: 0 SERVING; 1 not
+serving, unreachable or any other runtime error; 2 a usage error (a bad flag or value, a file that cannot
+be read); 130 interrupted (Ctrl-C).
+
 Kept light on purpose: grpc, the health stubs and client.core (for TLS and the token; protobuf messages,
 nothing more), no numpy/onnxruntime/server.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -18,6 +25,25 @@ from .core import add_connection_flags, connection, connection_settings, refusal
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 ENV_PREFIX = "RNNSERVE_HEALTH_"  # its own names: the server's container sets RNNSERVE_* for rnn-serve
+TARGET_ENV = (f"{ENV_PREFIX}TARGET", "RNNSERVE_TARGET")  # first set wins; then DEFAULT_TARGET
+EXIT_STATUS = ("exit status: 0 SERVING, 1 not serving or unreachable, 2 usage error (bad flag, value or "
+               "file), 130 interrupted")
+
+
+def _seconds(text: str) -> float:
+    """--timeout's type: a positive, finite number of seconds (argparse names the flag in the error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def target_from(environ: Mapping[str, str]) -> str:
+    """The target when --target is not given: RNNSERVE_HEALTH_TARGET, else RNNSERVE_TARGET, else the default."""
+    return next((environ[k] for k in TARGET_ENV if environ.get(k)), DEFAULT_TARGET)
 
 
 def check(target: str, service: str = "", timeout: float = 3.0, **credentials: Any) -> tuple[bool, str]:
@@ -51,23 +77,25 @@ def check(target: str, service: str = "", timeout: float = 3.0, **credentials: A
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 iff SERVING; otherwise prints why on stderr and returns 1."""
-    p = argparse.ArgumentParser(prog="rnn-health", description=__doc__.splitlines()[0])
+    """Entry point: 0 iff SERVING; otherwise prints why on stderr and returns 1 (2 usage, 130 ^C)."""
+    p = argparse.ArgumentParser(prog="rnn-health", description=__doc__.splitlines()[0], epilog=EXIT_STATUS)
     p.add_argument("--target", default=None,
-                   help=f"HOST:PORT (env {ENV_PREFIX}TARGET, default {DEFAULT_TARGET})")
+                   help=f"HOST:PORT (env {' then '.join(TARGET_ENV)}, default {DEFAULT_TARGET})")
     p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    p.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer, > 0 "
+                                                                  "(default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when SERVING")
     add_connection_flags(p, ENV_PREFIX)
-    args = p.parse_args(argv)
-    if args.timeout <= 0:
-        p.error("--timeout must be > 0")
-    target = args.target or os.environ.get(f"{ENV_PREFIX}TARGET") or DEFAULT_TARGET
+    args = p.parse_args(argv)  # a bad flag or value: argparse names it and exits 2
+    target = args.target or target_from(os.environ)
     try:
         credentials = connection_settings(args, ENV_PREFIX, os.environ)
         ok, reason = check(target, args.service, args.timeout, **credentials)
     except ValueError as err:  # a file that cannot be read, a token that cannot be sent
         p.error(str(err))
+    except KeyboardInterrupt:
+        print("rnn-health: interrupted", file=sys.stderr)
+        return 130
     if not ok:
         print(f"rnn-health: {reason}", file=sys.stderr)
         return 1

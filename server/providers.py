@@ -64,5 +64,5 @@ def choose(device: str) -> tuple[list[str], str]:
     if ok:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"], why
     if device == "cuda":
-        raise RuntimeError(f"--device cuda but CUDA is not usable: {why}")
+        raise RuntimeError(f"--device cuda but CUDA is not usable: {why}; is a GPU visible here (in a container: the NVIDIA Container Toolkit and the GPU reservation)? --device auto falls back to the CPU")
     return ["CPUExecutionProvider"], why
