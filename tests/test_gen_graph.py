@@ -367,6 +367,13 @@ def test_add_generation_graph_publishes_a_new_version(tmp_path: Path, capsys: py
     before = {f.name: sha256_file(f) for f in src.iterdir()}
     copy = tmp_path / "repo" / "shakespeare" / "1"
     shutil.copytree(src, copy)
+    # the shipped version already carries generate.onnx: take it out to stand for an older export
+    meta_json = json.loads((copy / "model.json").read_text())
+    if meta_json["files"].pop(GENERATE_FILE, None) is not None:
+        (copy / GENERATE_FILE).unlink()
+        (copy / "model.json").write_text(json.dumps(meta_json, indent=2) + "\n")
+    verify_version_dir(copy)
+    source_json = (copy / "model.json").read_bytes()
     assert gg.main(["add", str(copy)]) == 0
     new = Path(capsys.readouterr().out.strip())
     assert new == tmp_path / "repo" / "shakespeare" / "2"
@@ -375,7 +382,8 @@ def test_add_generation_graph_publishes_a_new_version(tmp_path: Path, capsys: py
     assert meta.source["derived_from"]["version"] == 1
     for fname in ("model.onnx", "sequence.onnx"):
         assert (new / fname).read_bytes() == (copy / fname).read_bytes()
-    assert GENERATE_FILE not in json.loads((copy / "model.json").read_text())["files"]  # source untouched
+    assert (copy / "model.json").read_bytes() == source_json  # source untouched
+    assert not (copy / GENERATE_FILE).exists()
     assert {f.name: sha256_file(f) for f in src.iterdir()} == before  # and models/ was only read
     # into another repository under another name, then a refusal that leaves nothing behind
     other = gg.add_generation_graph(copy, tmp_path / "other", "bard", version=3)
