@@ -62,6 +62,7 @@ class App:
         self.metrics = Metrics()
         self.authenticator = auth.Authenticator.from_settings(settings)
         self.engine = Engine(settings, self.metrics)
+        self.metrics.pending_from(lambda: [(mv, b.pending) for mv, b in self.engine.batchers.items()])
         self.health = health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -76,16 +77,19 @@ class App:
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_send_bytes),
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
-        self.server = grpc.aio.server(options=opts,
-                                      interceptors=[ErrorInterceptor(self.metrics.error, self.authenticator)])
+        self.server = grpc.aio.server(options=opts, interceptors=[ErrorInterceptor(self.metrics, self.authenticator)])
         pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(self.engine, self.metrics), self.server)
         self.server.add_generic_rpc_handlers(
             (kserve.handler(kserve.KServeServicer(self.engine, s, self.metrics)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.services = [pb.DESCRIPTOR.services_by_name["RnnServe"].full_name, kserve.SERVICE,
-                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        reflection.enable_server_reflection([*self.services, reflection.SERVICE_NAME], self.server,
-                                            pool=reflection_pool())
+        native, health = (pb.DESCRIPTOR.services_by_name["RnnServe"].full_name,
+                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        self.services = [native, kserve.SERVICE, health]
+        pool = reflection_pool()
+        reflection.enable_server_reflection([*self.services, reflection.SERVICE_NAME], self.server, pool=pool)
+        protocols = {native: "native", kserve.SERVICE: "kserve", health: "health", reflection.SERVICE_NAME: "reflection"}
+        self.metrics.declare({name: (protocol, [m.name for m in pool.FindServiceByName(name).methods])
+                              for name, protocol in protocols.items()})
         address = f"{s.host}:{s.port}"
         creds = server_credentials(s)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)

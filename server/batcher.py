@@ -7,12 +7,15 @@ generating rows at once, and wakes a handler only when a chunk is ready. Multi-t
 sequence.onnx in the same thread call, a slice of each per iteration (feeds.py), so a long feed delays
 others by one slice at most. A row whose step yields NaN or infinity is not written back: its session
 keeps its state and gets FAILED_PRECONDITION, the rest of the batch carries on (one log line per version).
+Metrics are recorded once per iteration: batch size, call time, steps, and the queue time of the oldest
+work the iteration starts (feeds keep their arrival times in a list beside the queue, not per step).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +51,9 @@ class Batcher:
         self.metrics = metrics
         self.on_stepped = on_stepped  # called with the sessions whose state moved on in an iteration
         self._feeds: list[FeedJob] = []  # single-token feeds, stepped with the generating rows
+        self._feed_t: list[float] = []  # their arrival times (perf_counter), in the same order
+        self._long_t: weakref.WeakKeyDictionary[FeedJob, float] = weakref.WeakKeyDictionary()  # long feeds' arrival
+        self._oldest = 0.0  # arrival of the oldest work the iteration being scheduled starts (0: none)
         self.long = LongFeeds(pool, table, slice_s, self._settled)  # multi-token feeds, run in slices
         self.inflight_tokens = 0  # tokens of the feeds queued or running here (--max-inflight-tokens)
         self._run_options = ort.RunOptions()  # its terminate flag cuts a running call at shutdown
@@ -58,6 +64,7 @@ class Batcher:
         self._last_at = 0.0
         self._batching_until = 0.0  # other sessions were stepping: batch until then
         self.gen = Generator(model, pool, table, gen_budget_s, self._gauge)
+        self._queue_time = metrics.queue_of(model) if metrics is not None else None
         self._wake = asyncio.Event()
         self._exec = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{model.key}")
         self._task: asyncio.Task | None = None
@@ -89,6 +96,12 @@ class Batcher:
         return {"generating": len(self.gen), "queued_feeds": len(self._feeds) + len(self.long),
                 "last_batch": self.last_batch, "batches": self.batches}
 
+    @property
+    def pending(self) -> int:
+        """Requests here not answered yet: single-token feeds waiting, long feeds queued or between slices,
+        generations not yet admitted (rnnserve_pending_requests)."""
+        return len(self._feeds) + len(self.long) + len(self.gen.new)
+
     # -- submissions (event loop thread) -----------------------------------------------------------
     def feed(self, session: Session, tokens: np.ndarray, want: str, top_k: int = 0) -> asyncio.Future:
         """Queue a feed; the session must be marked busy by the caller; released here when done.
@@ -102,8 +115,10 @@ class Batcher:
             return fut
         if len(tokens) == 1:
             self._feeds.append(job)
+            self._feed_t.append(time.perf_counter())
         else:
             self.long.add(job)
+            self._long_t[job] = time.perf_counter()
         self.inflight_tokens += len(tokens)
         self._since_trim += len(tokens)
         self._wake.set()
@@ -185,6 +200,8 @@ class Batcher:
         plan = self._schedule()
         if plan is None:
             return
+        if self._oldest and self._queue_time is not None:
+            self._queue_time.observe(time.perf_counter() - self._oldest)
         # steps first, answered before the long feeds' slices run: a ping-pong client waits for one slice
         for part in plan.split():
             t0 = time.perf_counter()
@@ -195,12 +212,24 @@ class Batcher:
         """Pick this iteration's work: single steps, then generating rows, then slices of long feeds, all
         within max_batch rows; gather their states."""
         room = self.max_batch
+        oldest = self._feed_t[0] if self._feeds else 0.0
         feeds1, self._feeds = self._feeds[:room], self._feeds[room:]
+        del self._feed_t[:len(feeds1)]
         room -= len(feeds1)
         rows = self.gen.pick(room)
         room -= len(rows)
+        if self.gen.admitted_at and (not oldest or self.gen.admitted_at < oldest):
+            oldest = self.gen.admitted_at
+        self.gen.admitted_at = 0.0
         self.long.drop_closed(lambda j: NotFound(f"session {j.session.id} was closed during its feed"))
         seq_in = self.long.pick(room)
+        if self._long_t:
+            for g, _, _ in seq_in:
+                for j in g:
+                    t = self._long_t.pop(j, 0.0)
+                    if t and (not oldest or t < oldest):
+                        oldest = t
+        self._oldest = oldest
         if not (feeds1 or rows or seq_in):
             return None
         gen_rows, gen_in, gen_first = [], None, None
@@ -254,7 +283,7 @@ class Batcher:
         self.batches += 1
         if self.metrics is not None:
             generated = len(rows) + (out_gen[0].size if out_gen is not None else 0)
-            self.metrics.observe_batch(self.model.key, len(step_rows), dt,
+            self.metrics.observe_batch(self.model, len(step_rows), dt,
                                        len(step_rows) + sum(t.size for _, t, _ in plan.seq_in) + generated - len(rows),
                                        generated)
         if out_step is not None:
@@ -304,7 +333,7 @@ class Batcher:
         bad = ~(np.isfinite(logits.reshape(len(logits), -1)).all(1) & np.isfinite(state).all(1))
         if bad.any():
             if self.metrics is not None:
-                self.metrics.nonfinite(self.model.key, int(bad.sum()))
+                self.metrics.nonfinite(self.model, int(bad.sum()))
             if not self._nonfinite_seen:
                 self._nonfinite_seen = True
                 log.error("%s produced NaN or infinite values for %d row(s) of a batch; those sessions keep "
@@ -357,4 +386,4 @@ class Batcher:
 
     def _gauge(self, n: int) -> None:
         if self.metrics is not None:
-            self.metrics.generating(self.model.key, n)
+            self.metrics.generating(self.model, n)

@@ -12,6 +12,7 @@ text.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -40,6 +41,8 @@ class Generator:
         self.budget_s = budget_s  # how long one generation call may take (others' steps wait for it)
         self.gauge = gauge
         self.new: list[GenRow] = []
+        self._new_since = 0.0  # when the oldest row in `new` arrived (perf_counter; 0: none)
+        self.admitted_at = 0.0  # the arrival of the oldest row the last admit() took (the batcher's queue time)
         self.rows: dict[GenRow, None] = {}  # insertion-ordered set of running rows
         self.inflight: set[GenRow] = set()
         self._step_s: dict[int, float] = {}  # rows bucket -> seconds per generated step (graph path)
@@ -49,11 +52,15 @@ class Generator:
 
     def add(self, row: GenRow) -> None:
         """A new generation; its first token comes from the session's last logits."""
+        if not self.new:
+            self._new_since = time.perf_counter()
         self.new.append(row)
 
     def admit(self) -> None:
         """New rows join the running ones (on the step path their first token is sampled now)."""
         rows, self.new = self.new, []
+        if rows:
+            self.admitted_at, self._new_since = self._new_since, 0.0
         if not self.graph and rows:
             self._sample(rows, self.pool.logits[[r.session.row for r in rows]])  # (R, V)
         for r in rows:

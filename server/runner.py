@@ -3,6 +3,7 @@ generations; the checks that refuse a feed before it runs. The engine finds and 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -21,7 +22,10 @@ from .work import Chunk, FeedResult, GenRow
 
 
 class Generation:
-    """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once."""
+    """A running generation: iterate it for Chunks; cancel() (also on client disconnect) stops it at once.
+
+    Its time to first token and time per output token are observed here, once each, as chunks reach the
+    handler (not per token)."""
 
     def __init__(self, runner: Runner, batcher: Batcher, row: GenRow, principal: auth.Principal) -> None:
         self._runner = runner
@@ -29,16 +33,27 @@ class Generation:
         self.row = row
         self.principal = principal
         self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.started = time.perf_counter()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[Chunk]:
+        metrics = self._runner.metrics
+        timed = metrics.generation_of(self.row.session.model) if metrics is not None else None
+        first_at, first_n, n = 0.0, 0, 0
         try:
             while True:
                 chunk = await self.row.queue.get()
                 if isinstance(chunk, BaseException):  # the batcher ended it with an error (a non-finite step)
                     raise chunk
+                if timed is not None:
+                    n += len(chunk.tokens)
+                    if not first_at and n:
+                        first_at, first_n = time.perf_counter(), n
+                        timed[0].observe(first_at - self.started)
+                    if chunk.done and n > first_n:
+                        timed[1].observe((time.perf_counter() - first_at) / (n - first_n))
                 yield chunk
                 if chunk.done:
                     return

@@ -74,13 +74,14 @@ class Session:
     """One client sequence: where its state lives and its bookkeeping (no arrays of its own)."""
 
     __slots__ = ("_heaped", "_idle", "attached", "busy", "closed", "deadline", "epoch", "id", "model", "origin",
-                 "pool", "principal", "row", "steps", "watchers")
+                 "pool", "principal", "protocol", "row", "steps", "watchers")
 
     def __init__(self, sid: str, pool: StatePool, row: int, principal: str = "") -> None:
         self.id = sid
         self.principal = principal  # who opened it ("" without authentication)
         self.epoch = 0  # its claim in the session store (0: no store)
         self.origin: str | None = None  # how it started ("model", "zeros", "given:<sha256>"), for the prefix cache
+        self.protocol = ""  # the protocol of the call that opened (or restored) it, for metrics
         self.attached: Attachment | None = None  # the native stream it is attached to, if any
         self.watchers: set[Attachment] = set()  # KServe streams carrying it (told only when it moves away)
         self.pool = pool
@@ -123,10 +124,14 @@ class Session:
 
 
 class SessionTable:
-    """Creates, finds, closes and expires sessions; expiry is one timer armed at the earliest deadline."""
+    """Creates, finds, closes and expires sessions; expiry is one timer armed at the earliest deadline.
+
+    `on_change(session, event)` hears of every listed session coming and going: "started" (created here),
+    "restored" (adopted from the store), "ended" (closed), "expired" (idle past the timeout), "left" (it lives
+    on in another replica)."""
 
     def __init__(self, max_sessions: int, idle_timeout: float,
-                 on_change: Callable[[int], None] | None = None,
+                 on_change: Callable[[Session, str], None] | None = None,
                  on_expire: Callable[[Session], None] | None = None,
                  counts: Counter[str] | None = None) -> None:
         self.max_sessions = max_sessions
@@ -138,7 +143,7 @@ class SessionTable:
         self._heap: list[tuple[float, int, Session]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
-        self._on_change = on_change or (lambda n: None)
+        self._on_change = on_change or (lambda s, event: None)
         self._on_expire = on_expire or (lambda s: None)
 
     def __len__(self) -> int:
@@ -159,10 +164,12 @@ class SessionTable:
         if count and len(self.live) >= self.max_sessions:
             raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} live sessions; "
                                     "close some or try later")
-        return self.adopt(secrets.token_urlsafe(16), model, state, principal=principal, listed=count)  # 128 bits
+        return self.adopt(secrets.token_urlsafe(16), model, state, principal=principal, listed=count,
+                          event="started")  # 128 bits
 
     def adopt(self, sid: str, model: ModelVersion, state: np.ndarray, logits: np.ndarray | None = None,
-              steps: int = 0, principal: str = "", epoch: int = 0, listed: bool = True) -> Session:
+              steps: int = 0, principal: str = "", epoch: int = 0, listed: bool = True,
+              event: str = "restored") -> Session:
         """Put a session in memory with a given id and content (a new one, or one restored from the store)."""
         pool = self.pool(model)
         row = pool.alloc()
@@ -177,7 +184,7 @@ class SessionTable:
             self._gone.pop(sid, None)
             self.counts[principal] += 1
             self.touch(s)
-            self._on_change(len(self.live))
+            self._on_change(s, event)
         return s
 
     def discard(self, s: Session) -> None:
@@ -191,11 +198,11 @@ class SessionTable:
         """Let a session go from memory without a tombstone (it lives on elsewhere: another replica has it)."""
         if self.live.pop(s.id, None) is not None:
             self._uncount(s)
+            self._on_change(s, "left")
         s.closed = True
         if not s.busy and s.row >= 0:
             s.pool.release(s.row)
             s.row = -1
-        self._on_change(len(self.live))
 
     def get(self, sid: str, principal: str | None = None) -> Session:
         """The live session with this id, or NOT_FOUND saying whether it was closed, expired or never seen.
@@ -226,7 +233,7 @@ class SessionTable:
     def close(self, sid: str) -> Session:
         """Close a session: its row is freed now, or when its in-flight operation ends."""
         s = self.get(sid)
-        self._drop(s, "was closed")
+        self._drop(s, "was closed", "ended")
         return s
 
     def finish_op(self, s: Session) -> None:
@@ -260,9 +267,10 @@ class SessionTable:
         if self.counts[s.principal] <= 0:
             del self.counts[s.principal]
 
-    def _drop(self, s: Session, why: str) -> None:
+    def _drop(self, s: Session, why: str, event: str) -> None:
         if self.live.pop(s.id, None) is not None:
             self._uncount(s)
+            self._on_change(s, event)
         s.closed = True
         self._gone[s.id] = (why, s.principal)
         while len(self._gone) > TOMBSTONES:
@@ -270,7 +278,6 @@ class SessionTable:
         if not s.busy and s.row >= 0:
             s.pool.release(s.row)
             s.row = -1
-        self._on_change(len(self.live))
 
     def sessions_of(self, model: ModelVersion) -> int:
         """How many live sessions use this version (for draining a removed version)."""
@@ -317,7 +324,7 @@ class SessionTable:
                 s._heaped = True
                 heapq.heappush(self._heap, (s.deadline, next(self._seq), s))
                 continue
-            self._drop(s, f"expired after {self.idle_timeout:g} s idle")
+            self._drop(s, f"expired after {self.idle_timeout:g} s idle", "expired")
             self._on_expire(s)
             expired += 1
         if expired:

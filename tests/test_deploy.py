@@ -374,7 +374,7 @@ GENERATE = """
 import json, sys
 from rnnserve.client.lib import Client
 with Client(sys.argv[1]) as c:
-    model = c.list_models()[0]
+    model = next(m for m in c.list_models() if m.name == "shakespeare")  # a token model (models/ holds vector ones too)
     with c.session(model.name) as s:
         s.feed(model.vocab[0])
         chunks = list(s.generate_chunks(48, temperature=0.8, seed=7, chunk_tokens=8))

@@ -211,7 +211,8 @@ def test_non_finite_rows_fail_alone_and_keep_their_state(tiny_repo: Path, tmp_pa
                 pytest.fail("no generation stepped token 3 in 50 tries")
             assert np.isfinite((await stub.GetState(pb.GetStateRequest(session_id=st.sid))).state).all()
             await st.end()
-            assert app.metrics.registry.get_sample_value("rnnserve_nonfinite_rows_total", {"model": "tiny:1"}) >= 8
+            assert app.metrics.registry.get_sample_value("rnnserve_nonfinite_rows_total",
+                                                       {"model": "tiny", "version": "1"}) >= 8
 
     with caplog.at_level("ERROR", logger="rnnserve.server.batcher"):
         asyncio.run(main())

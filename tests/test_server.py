@@ -99,8 +99,8 @@ def test_no_state_crossover_under_random_interleaving(tiny_repo: Path, model: st
         async with serving(tiny_repo, max_wait_ms=1.0) as (app, _ch, stub):
             await asyncio.gather(*(client(stub, k, random.Random(k)) for k in range(12)))
             reg = app.metrics.registry
-            count = reg.get_sample_value("rnnserve_batch_size_count", {"model": f"{model}:1"})
-            ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": f"{model}:1", "le": "1.0"})
+            count = reg.get_sample_value("rnnserve_batch_size_count", {"model": model, "version": "1"})
+            ones = reg.get_sample_value("rnnserve_batch_size_bucket", {"model": model, "version": "1", "le": "1.0"})
             assert count > ones, "no step call ever batched more than one session"
 
     asyncio.run(main())
@@ -283,7 +283,7 @@ def test_health_reflection_models_and_metrics(tiny_repo: Path) -> None:
             await stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"))))
             body = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics").read().decode())
-            assert "rnnserve_live_sessions 1.0" in body and "rnnserve_batch_size" in body
+            assert 'rnnserve_live_sessions{model="tiny",version="1"} 1.0' in body and "rnnserve_batch_size" in body
 
     asyncio.run(main())
 
