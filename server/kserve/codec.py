@@ -3,9 +3,12 @@
 Requests carry `tokens` (INT64, [1, T]) either as little-endian `raw_input_contents` or as
 typed `contents.int64_contents`; responses carry FP32 `logits` [1, T, vocab] (and `state`
 [1, state_size] when asked for) as `raw_output_contents`, which tritonclient's as_numpy reads.
+Every request goes through here, so the common case (one token, raw INT64, Triton's sequence
+parameters) takes the fewest message accesses; the checks and their messages are the same on every path.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,10 @@ from ..inputs import check_id
 INPUT = "tokens"
 OUTPUTS = ("logits", "state")
 DEFAULT_OUTPUTS = ("logits",)  # `state` only when requested
+SHORT = 8  # inputs up to this many tokens are read as a list (the engine checks a short list fastest)
+_WIDTH = {"INT64": 8, "INT32": 4}
+_UNPACK = {(dtype, n): struct.Struct(f"<{n}{code}").unpack
+           for dtype, code in (("INT64", "q"), ("INT32", "i")) for n in range(1, SHORT + 1)}
 
 
 def invalid(message: str) -> InvalidArgument:
@@ -33,38 +40,50 @@ class Sequence:
     end: bool
 
 
+STATELESS = Sequence(None, False, False)
+
+
 def _param(p: Any) -> Any:
     """The Python value of one InferParameter (None when unset)."""
     which = p.WhichOneof("parameter_choice")
     return None if which is None else getattr(p, which)
 
 
+def _flag(params: Any, key: str) -> bool:
+    """A bool parameter (an int is taken as one), False when absent."""
+    if key not in params:
+        return False
+    value = _param(params[key])
+    if value is True or value is False:
+        return value
+    if not isinstance(value, (bool, int)):
+        raise invalid(f"parameter {key} must be a bool, got {shown(value)}")
+    return bool(value)
+
+
 def read_sequence(request: Any) -> Sequence:
     """Triton's `sequence_id` (int64 or string), `sequence_start`, `sequence_end` of a request."""
     params = request.parameters
     if not params:
-        return Sequence(None, False, False)
+        return STATELESS
     seq_id = _param(params["sequence_id"]) if "sequence_id" in params else None
-    if isinstance(seq_id, (bool, float)):
-        raise invalid(f"parameter sequence_id must be an int64 or a string, got {seq_id!r}")
-    if isinstance(seq_id, str):
-        check_id(seq_id, "parameter sequence_id")
-    flags = {}
-    for key in ("sequence_start", "sequence_end"):
-        value = _param(params[key]) if key in params else False
-        if not isinstance(value, (bool, int)):
-            raise invalid(f"parameter {key} must be a bool, got {shown(value)}")
-        flags[key] = bool(value)
-    if seq_id in (None, 0, ""):
-        if flags["sequence_start"] or flags["sequence_end"]:
+    if type(seq_id) is not int:
+        if isinstance(seq_id, (bool, float)):
+            raise invalid(f"parameter sequence_id must be an int64 or a string, got {seq_id!r}")
+        if isinstance(seq_id, str):
+            check_id(seq_id, "parameter sequence_id")
+    start, end = _flag(params, "sequence_start"), _flag(params, "sequence_end")
+    if seq_id is None or seq_id == 0 or seq_id == "":
+        if start or end:
             raise invalid("sequence_start/sequence_end given without a sequence_id "
                           "(a request without a sequence id is stateless)")
-        return Sequence(None, False, False)
-    return Sequence(seq_id, flags["sequence_start"], flags["sequence_end"])
+        return STATELESS
+    return Sequence(seq_id, start, end)
 
 
-def read_tokens(request: Any) -> np.ndarray:
-    """The `tokens` input of a request as an int64 vector (T,); the ids are checked by the engine."""
+def read_tokens(request: Any) -> list[int] | np.ndarray:
+    """The `tokens` input of a request as T ids: a list up to SHORT tokens (the ping-pong case), else an int64
+    vector (T,); the ids are checked by the engine."""
     inputs = request.inputs
     if len(inputs) != 1 or inputs[0].name != INPUT:
         names = [i.name for i in inputs]
@@ -80,27 +99,29 @@ def read_tokens(request: Any) -> np.ndarray:
     if count < 1:
         raise invalid(f"input {INPUT!r} must hold at least one token, got shape {shape}")
     dtype = tensor.datatype
-    if dtype not in ("INT64", "INT32"):
+    width = _WIDTH.get(dtype)
+    if width is None:
         raise invalid(f"input {INPUT!r} must be INT64 (or INT32), got {dtype or 'no datatype'}")
     raw = request.raw_input_contents
     if raw:
         if len(raw) != 1:
             raise invalid(f"raw_input_contents holds {len(raw)} tensors for 1 input")
-        width = 8 if dtype == "INT64" else 4
         data = raw[0]
         if len(data) != count * width:
             raise invalid(f"input {INPUT!r}: raw_input_contents has {len(data)} bytes, "
                           f"shape {shape} of {dtype} needs {count * width}")
-        tokens = np.frombuffer(data, dtype="<i8" if width == 8 else "<i4").astype(np.int64)
-    else:
-        contents = tensor.contents
-        values = contents.int64_contents if dtype == "INT64" else contents.int_contents
-        if len(values) != count:
-            field = "int64_contents" if dtype == "INT64" else "int_contents"
-            raise invalid(f"input {INPUT!r}: contents.{field} has {len(values)} values, "
-                          f"shape {shape} needs {count}")
-        tokens = np.fromiter(values, dtype=np.int64, count=count)
-    return tokens  # (T,)
+        if count <= SHORT:
+            return list(_UNPACK[dtype, count](data))
+        return np.frombuffer(data, dtype="<i8" if width == 8 else "<i4").astype(np.int64)
+    contents = tensor.contents
+    values = contents.int64_contents if width == 8 else contents.int_contents
+    if len(values) != count:
+        field = "int64_contents" if width == 8 else "int_contents"
+        raise invalid(f"input {INPUT!r}: contents.{field} has {len(values)} values, "
+                      f"shape {shape} needs {count}")
+    if count <= SHORT:
+        return list(values)
+    return np.fromiter(values, dtype=np.int64, count=count)
 
 
 def requested_outputs(request: Any) -> tuple[str, ...]:

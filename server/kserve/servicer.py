@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,10 +19,10 @@ from .. import auth, inputs
 from ..engine import Engine
 from ..errors import Aborted, NotFound, ServeError
 from ..settings import Settings
-from .codec import fill_response, read_sequence, read_tokens, requested_outputs
+from .codec import Sequence, fill_response, read_sequence, read_tokens, requested_outputs
 from .config import fill_config, fill_metadata, parse_version
 from .descriptors import SERVICE, messages
-from .sequences import Sequences, Step
+from .sequences import Sequences
 
 log = logging.getLogger(__name__)
 
@@ -92,51 +93,52 @@ class KServeServicer:
         return resp
 
     # -- inference ------------------------------------------------------------------------------------
-    async def _infer(self, req: Any, resp: Any) -> str:
+    async def _infer(self, req: Any, resp: Any, seq: Sequence) -> str:
         """Answer one request into resp (a ModelInferResponse); returns the session it ran on ("" if none or
         ended with it); raises ServeError."""
-        seq = read_sequence(req)
         outputs = requested_outputs(req)
         version = parse_version(req.model_version)
         want_state = "state" in outputs
+        engine = self.engine
 
-        def tokens_of(mv):  # (T,) int64, checked against the model the request lands on, before any START
-            tokens = read_tokens(req)
-            self.engine.check_feed(mv, len(tokens))
-            return inputs.check_tokens(mv, tokens)
+        def tokens_of(mv):  # checked against the model the request lands on, before any START
+            tokens = read_tokens(req)  # a short list, or an int64 array
+            engine.check_feed(mv, len(tokens))
+            ids = inputs.check_tokens(mv, tokens)
+            return tokens if type(tokens) is list else ids  # a checked short list: the engine checks it again fastest
 
         if seq.id is None:
             step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
         else:
             key = (req.model_name, seq.id, auth.current.get().name)
             step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
-        self._response(req, step, outputs, resp)
-        return step.held
-
-    @staticmethod
-    def _response(req: Any, step: Step, outputs: tuple[str, ...], resp: Any) -> Any:
-        resp.model_name, resp.model_version, resp.id = step.model.name, str(step.model.version), req.id
+        model = step.model
+        resp.model_name, resp.model_version, resp.id = model.name, str(model.version), req.id
         if step.restarted:
             resp.parameters[RESTARTED].bool_param = True
         if step.session_id:
             resp.parameters[SESSION_ID].string_param = step.session_id
         fill_response(resp, outputs, step.logits, step.state)
-        return resp
+        return step.held
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...)."""
+        """One inference; errors are the call's status (NOT_FOUND, INVALID_ARGUMENT, ...).
+
+        A sequence's step runs in a task of its own, shielded: a client that goes away does not cut it (an
+        END still closes). A stateless request keeps nothing, so it runs in the call's own task."""
         resp = self.pb.ModelInferResponse()
-        work = asyncio.ensure_future(self._infer(request, resp))
-        work.add_done_callback(_retrieve)
-        # shielded: a client that goes away does not cut a sequence's step (an END still closes)
-        await asyncio.shield(work)
+        seq = read_sequence(request)
+        if seq.id is None:
+            await self._infer(request, resp, seq)
+        else:
+            await asyncio.shield(asyncio.get_running_loop().create_task(self._infer(request, resp, seq)))
         return resp
 
     async def _stream_one(self, req: Any) -> tuple[Any, str]:
         """One stream request -> (ModelStreamInferResponse, session it ran on); an error goes into error_message."""
         resp = self.pb.ModelStreamInferResponse()
         try:
-            held = await self._infer(req, resp.infer_response)  # filled in place: no copy
+            held = await self._infer(req, resp.infer_response, read_sequence(req))  # filled in place: no copy
             return resp, held
         except ServeError as e:
             self._count(e.code)
@@ -156,30 +158,46 @@ class KServeServicer:
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Requests run concurrently across sequences, in order within one; answers go out as they finish.
 
-        Each request is a task that writes its own answer (one write at a time); requests already read
-        run to the end even when the client goes away (a step is never cut), their answers dropped. If a
-        sequence this stream carries moves to another replica, the stream ends with ABORTED once the
-        answers under way are written (the client resumes it there, or here, on a new stream)."""
-        lock = asyncio.Lock()
+        Each request is a task; answers go out one write at a time, in the order they finish, each written
+        by the task that finds no write under way (it also writes those that finish meanwhile). Requests
+        already read run to the end even when the client goes away (a step is never cut), their answers
+        dropped. If a sequence this stream carries moves to another replica, the stream ends with ABORTED
+        once the answers under way are written (the client resumes it there, or here, on a new stream)."""
+        loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task] = set()
         holds: dict[str, Any] = {}
-        moved: asyncio.Future = asyncio.get_running_loop().create_future()
+        moved: asyncio.Future = loop.create_future()
+        unsent: deque = deque()  # answers waiting for the write under way
+        writing = False
 
         def hold(sid: str) -> None:
-            if sid and sid not in holds and (h := self.engine.watch(sid)) is not None:
+            if sid not in holds and (h := self.engine.watch(sid)) is not None:
                 holds[sid] = h
                 h.ended.add_done_callback(lambda f: moved.done() or (moved.set_result(f.result()), me.cancel()))
 
         async def answer(req: Any) -> None:
-            resp, held = await self._stream_one(req)
-            hold(held)
-            async with lock:
-                if context.done():
-                    return
+            nonlocal writing
+            try:
+                resp, held = await self._stream_one(req)
+                if held:
+                    hold(held)
+                unsent.append((resp, req.id))
+                if writing:
+                    return  # the task writing now sends it too
+                writing = True
                 try:
-                    await context.write(resp)
-                except Exception as e:  # noqa: BLE001 (the call ended while we wrote: nobody to answer)
-                    log.debug("KServe stream answer %r dropped: %s", req.id, e)
+                    while unsent and not context.done():
+                        resp, rid = unsent.popleft()
+                        try:
+                            await context.write(resp)
+                        except Exception as e:  # noqa: BLE001 (the call ended while we wrote: nobody to answer)
+                            log.debug("KServe stream answer %r dropped: %s", rid, e)
+                finally:
+                    writing = False
+                    if context.done():
+                        unsent.clear()
+            finally:
+                tasks.discard(asyncio.current_task())
 
         async def drain() -> None:
             while tasks:
@@ -188,9 +206,7 @@ class KServeServicer:
         me = asyncio.current_task()
         try:
             async for req in requests:
-                t = asyncio.ensure_future(answer(req))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                tasks.add(loop.create_task(answer(req)))
         except asyncio.CancelledError:
             if not moved.done():
                 raise  # the call itself was cancelled (the client went away)
@@ -205,12 +221,6 @@ class KServeServicer:
             for sid, h in holds.items():
                 self.engine.unwatch(sid, h)
         await drain()
-
-
-def _retrieve(t: asyncio.Future) -> None:
-    """Mark a task's exception as seen (its caller may have gone away)."""
-    if not t.cancelled():
-        t.exception()
 
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
