@@ -2,6 +2,27 @@
 
 A model repository is `<root>/<name>/<version>/` holding `model.json` and the ONNX graphs named in
 `ONNX_FILES`, plus those of `OPTIONAL_FILES` that model.json's `files` lists (`ModelMeta.onnx_files`).
+
+Two kinds of model share the seam, told apart by model.json's `input.kind` (`tokens` when absent):
+- token models (character language models, task `lm`): the graphs of `IO`, model.json as `SCHEMA`.
+- vector models (numeric sequences: speech frames, sensor readings), the graphs of `VECTOR_IO`:
+    model.onnx     inputs float32 (B, F),    state (B, S) -> outputs (B, O),    state_out (B, S)
+    sequence.onnx  inputs float32 (B, T, F), state (B, S) -> outputs (B, T, O), state_out (B, S)
+  Inputs are raw values: each graph normalises them itself ((x - mean) / std, model.json's `input`).
+  model.json has no `vocab` or `embed_size`; it has `input` = {"kind": "vector", "features": F,
+  "mean": [F], "std": [F > 0], "names": [F strings, optional]} and `task`, one of
+    {"kind": "classify", "classes": [O names], "labels": "sequence" | "step"}: `outputs` are the
+      logits of the classes (softmax over the last axis gives probabilities). "sequence": the model was
+      trained on one label per sequence read at its last step, so the answer is the output after the
+      last frame (earlier steps are the running answer so far); "step": every step has its own label.
+    {"kind": "forecast", "outputs": ["mean", "log_var"] | ["mean"], "output_size": O, "horizon": H
+      (optional)}: step t's outputs predict the NEXT input x_{t+1}, in raw units (the graphs undo the
+      normalisation): outputs[..., :F] is the mean, outputs[..., F:2F] (when listed) the natural log of
+      the variance of a diagonal Gaussian, so its spread is exp(0.5 * log_var). O = F * len(outputs).
+      An H-step forecast feeds each predicted mean back as the next input (the trainer's rollout);
+      `horizon` is the H the export measured.
+  A vector model has no generate.onnx; its graphs' metadata_props carry `cell`, `input` and `task`
+  (the same JSON objects as model.json) instead of `vocab`.
 This module is torch-free (json, numpy, onnxruntime), so the server imports it and the exporter imports
 it from here: one schema of `model.json`, one checksum, one set of graph checks, and
 so one answer to "is this version usable" for `rnn-serve`, `rnn-export` and `rnn-export list`.
@@ -10,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +49,10 @@ GENERATE_FILE = "generate.onnx"
 ONNX_FILES = (STEP_FILE, SEQUENCE_FILE)  # in every version
 OPTIONAL_FILES = (GENERATE_FILE,)  # in a version whose model.json `files` lists them, checked like the others
 CELLS = ("elman", "gru", "lstm")
+INPUT_KINDS = ("tokens", "vector")  # model.json input.kind; absent means tokens
+TASKS = {"tokens": ("lm",), "vector": ("classify", "forecast")}  # model.json task.kind per input kind
+LABEL_MODES = ("sequence", "step")  # a classify task's labels: one per sequence (at its last step) or per step
+FORECAST_OUTPUTS = (["mean", "log_var"], ["mean"])  # what a forecast's outputs hold, in this order
 OPSET = 17  # what the exporter writes ...
 IR_VERSION = 8  # ... and what onnxruntime 1.14 and later read
 # (name, element type, rank) of every input and output, per file; the last axis of state/logits is
@@ -41,6 +67,14 @@ IO: dict[str, tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]] = {
                      ("top_k", "tensor(int64)", 1), ("top_p", "tensor(float)", 1)],
                     [("tokens", "tensor(int64)", 2), ("state_out", "tensor(float)", 2),
                      ("logits_out", "tensor(float)", 2)]),
+}
+# The same for vector models (no generate.onnx); the last axes are checked against features, output_size
+# and state_size.
+VECTOR_IO: dict[str, tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]] = {
+    STEP_FILE: ([("inputs", "tensor(float)", 2), ("state", "tensor(float)", 2)],
+                [("outputs", "tensor(float)", 2), ("state_out", "tensor(float)", 2)]),
+    SEQUENCE_FILE: ([("inputs", "tensor(float)", 3), ("state", "tensor(float)", 2)],
+                    [("outputs", "tensor(float)", 3), ("state_out", "tensor(float)", 2)]),
 }
 
 
@@ -91,8 +125,60 @@ SCHEMA: dict[str, tuple[Callable[[Any], str | None], Any]] = {
     "metrics": (_is(lambda v: isinstance(v, dict), "must be an object"), _REQUIRED),
     "source": (_is(lambda v: isinstance(v, dict), "must be an object"), _REQUIRED),
     "checks": (_is(lambda v: isinstance(v, dict), "must be an object"), {}),
+    "input": (_is(lambda v: isinstance(v, dict) and v.get("kind") in INPUT_KINDS,
+                  f"must be an object whose kind is one of {', '.join(INPUT_KINDS)}"), {"kind": "tokens"}),
+    "task": (_is(lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str), "must be an object with a kind"),
+             {"kind": "lm"}),
 }
-REQUIRED_KEYS = tuple(k for k, (_, default) in SCHEMA.items() if default is _REQUIRED)
+REQUIRED_KEYS = tuple(k for k, (_, default) in SCHEMA.items() if default is _REQUIRED)  # of a token model
+TOKEN_KEYS = ("vocab", "embed_size")  # token models only: a vector model must not have them
+VECTOR_REQUIRED_KEYS = tuple(k for k in REQUIRED_KEYS if k not in TOKEN_KEYS) + ("input", "task")
+
+
+def _finite_list(v: Any, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(_number(x) and math.isfinite(x) for x in v)
+
+
+def _names(v: Any, n: int | None = None) -> bool:
+    return (isinstance(v, list) and bool(v) and (n is None or len(v) == n) and len(set(v)) == len(v)
+            and all(isinstance(x, str) and x for x in v))
+
+
+def _input_problem(spec: dict) -> str | None:
+    """What is wrong with a vector model's `input` object, or None."""
+    f = spec.get("features")
+    if not _pos_int(f):
+        return f"input.features must be a positive integer, got {_short(f)}"
+    for key in ("mean", "std"):
+        if not _finite_list(spec.get(key), f):
+            return f"input.{key} must be a list of {f} finite numbers (the normalisation), got {_short(spec.get(key))}"
+    if not all(x > 0 for x in spec["std"]):
+        return f"input.std must be positive, got {_short(spec['std'])}"
+    if "names" in spec and not _names(spec["names"], f):
+        return f"input.names must be {f} distinct non-empty strings, got {_short(spec['names'])}"
+    return None
+
+
+def _task_problem(kind: str, task: dict, features: int | None) -> str | None:
+    """What is wrong with `task` for this input kind, or None."""
+    tk = task["kind"]
+    if tk not in TASKS[kind]:
+        return f"task.kind {tk!r} does not fit input.kind {kind!r}: expected {' or '.join(TASKS[kind])}"
+    if tk == "classify":
+        if not _names(task.get("classes")) or len(task["classes"]) < 2:
+            return f"task.classes must be 2 or more distinct non-empty strings, got {_short(task.get('classes'))}"
+        if task.get("labels") not in LABEL_MODES:
+            return f"task.labels must be one of {', '.join(LABEL_MODES)}, got {_short(task.get('labels'))}"
+    elif tk == "forecast":
+        if task.get("outputs") not in FORECAST_OUTPUTS:
+            return f"task.outputs must be one of {FORECAST_OUTPUTS}, got {_short(task.get('outputs'))}"
+        want = features * len(task["outputs"])
+        if task.get("output_size") != want:
+            return f"task.output_size must be {want} ({features} features x {task['outputs']}), " \
+                   f"got {_short(task.get('output_size'))}"
+        if "horizon" in task and not _pos_int(task["horizon"]):
+            return f"task.horizon must be a positive integer, got {_short(task['horizon'])}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,11 +188,11 @@ class ModelMeta:
     name: str
     version: int
     cell: str
-    vocab: tuple[str, ...]
+    vocab: tuple[str, ...]  # () for a vector model
     hidden_size: int
     state_size: int
     layers: int
-    embed_size: int
+    embed_size: int | None  # None for a vector model
     initial_state: tuple[float, ...]
     files: Mapping[str, str]
     opset: int
@@ -114,6 +200,8 @@ class ModelMeta:
     metrics: Mapping[str, Any]
     source: Mapping[str, Any]
     checks: Mapping[str, Any] = field(default_factory=dict)
+    input_spec: Mapping[str, Any] = field(default_factory=lambda: {"kind": "tokens"})  # model.json `input`
+    task_spec: Mapping[str, Any] = field(default_factory=lambda: {"kind": "lm"})  # model.json `task`
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, key: str) -> Any:
@@ -140,6 +228,54 @@ class ModelMeta:
         """The initial state as a (S,) float32 array."""
         return np.asarray(self.initial_state, np.float32)
 
+    @property
+    def input_kind(self) -> str:
+        """"tokens" (token ids in, the default) or "vector" (float frames in)."""
+        return self.input_spec["kind"]
+
+    @property
+    def features(self) -> int | None:
+        """Width F of a vector model's input frames; None for a token model."""
+        return self.input_spec.get("features") if self.input_kind == "vector" else None
+
+    @property
+    def task(self) -> str:
+        """"lm" (token models), "classify" or "forecast" (vector models)."""
+        return self.task_spec["kind"]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """A classifier's class names, in the order of its outputs; () for other tasks."""
+        return tuple(self.task_spec["classes"]) if self.task == "classify" else ()
+
+    @property
+    def label_mode(self) -> str | None:
+        """A classifier's labels: "sequence" (the answer is the last step's) or "step"; None otherwise."""
+        return self.task_spec["labels"] if self.task == "classify" else None
+
+    @property
+    def forecast_outputs(self) -> tuple[str, ...]:
+        """A forecaster's output blocks of F each, in order ("mean", then "log_var" if any); () otherwise."""
+        return tuple(self.task_spec["outputs"]) if self.task == "forecast" else ()
+
+    @property
+    def output_size(self) -> int:
+        """Last axis of the graphs' scores: len(vocab) (logits), len(classes) (logits) or F per forecast block."""
+        if self.task == "lm":
+            return self.vocab_size
+        return len(self.classes) if self.task == "classify" else int(self.task_spec["output_size"])
+
+    def normalization(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """A vector model's (mean, std), (F,) float32 each, as its graphs apply them; None for tokens."""
+        if self.input_kind != "vector":
+            return None
+        return np.asarray(self.input_spec["mean"], np.float32), np.asarray(self.input_spec["std"], np.float32)
+
+    @property
+    def io(self) -> dict[str, tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]]:
+        """The contract's inputs and outputs per file for this kind of model (IO or VECTOR_IO)."""
+        return VECTOR_IO if self.input_kind == "vector" else IO
+
 
 def parse_meta(obj: Any, where: str | Path = META_FILE, folder: Path | None = None) -> ModelMeta:
     """Check a model.json object against the schema (and its folder's name); errors name the key."""
@@ -148,11 +284,16 @@ def parse_meta(obj: Any, where: str | Path = META_FILE, folder: Path | None = No
 
     if not isinstance(obj, dict):
         raise bad("is not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    vector = isinstance(obj.get("input"), dict) and obj["input"].get("kind") == "vector"
+    missing = [k for k in (VECTOR_REQUIRED_KEYS if vector else REQUIRED_KEYS) if k not in obj]
     if missing:
         raise bad(f"lacks {', '.join(missing)}")
     values = {}
     for key, (check, default) in SCHEMA.items():
+        if vector and key in TOKEN_KEYS:
+            if key in obj:
+                raise bad(f"{key} is for token models, and input.kind is vector")
+            continue
         v = obj.get(key, default)
         problem = check(v)
         if problem:
@@ -162,8 +303,21 @@ def parse_meta(obj: Any, where: str | Path = META_FILE, folder: Path | None = No
         raise bad(f"initial_state has {len(values['initial_state'])} numbers, state_size is {values['state_size']}")
     if folder is not None and folder.name.isdigit() and values["version"] != int(folder.name):
         raise bad(f"version {values['version']} does not match its folder {folder.name}")
-    values["vocab"] = tuple(values["vocab"])
+    kind, problem = values["input"]["kind"], None
+    if vector:
+        problem = _input_problem(values["input"])
+        extra = [f for f in OPTIONAL_FILES if f in values["files"]]
+        if extra:
+            problem = problem or f"files lists {', '.join(extra)}, which vector models do not have"
+    elif set(values["input"]) != {"kind"}:
+        problem = f"input of kind tokens takes no other keys, got {_short(values['input'])}"
+    problem = problem or _task_problem(kind, values["task"], values["input"].get("features"))
+    if problem:
+        raise bad(problem)
+    values["vocab"] = tuple(values.get("vocab", ()))
+    values["embed_size"] = values.get("embed_size")
     values["initial_state"] = tuple(float(x) for x in values["initial_state"])
+    values["input_spec"], values["task_spec"] = values.pop("input"), values.pop("task")
     return ModelMeta(**values, raw=obj)
 
 
@@ -240,9 +394,9 @@ def check_version(folder: str | Path) -> ModelMeta:
 
 def check_session(sess: ort.InferenceSession, path: str | Path, meta: ModelMeta) -> None:
     """A loaded graph's inputs, outputs and metadata_props are what the contract and model.json promise."""
-    want_in, want_out = IO[Path(path).name]
+    want_in, want_out = meta.io[Path(path).name]
     last = {"state": meta.state_size, "state_out": meta.state_size, "logits": meta.vocab_size,
-            "logits_out": meta.vocab_size}
+            "logits_out": meta.vocab_size, "inputs": meta.features, "outputs": meta.output_size}
     for kind, args, want_args in (("input", sess.get_inputs(), want_in), ("output", sess.get_outputs(), want_out)):
         got = [(a.name, a.type, len(a.shape)) for a in args]
         if got != want_args:
@@ -252,12 +406,14 @@ def check_session(sess: ort.InferenceSession, path: str | Path, meta: ModelMeta)
                 raise ModelFormatError(f"{path}: {kind} {a.name} has last axis {a.shape[-1]}, "
                                        f"model.json implies {last[a.name]}")
     props = sess.get_modelmeta().custom_metadata_map
-    try:
-        file_vocab = json.loads(props.get("vocab", "null"))
-    except json.JSONDecodeError:
-        file_vocab = None
-    if file_vocab != list(meta.vocab):
-        raise ModelFormatError(f"{path}: metadata_props vocab does not match model.json")
+    for key, want in ((("vocab", list(meta.vocab)),) if meta.input_kind == "tokens" else
+                      (("input", meta.input_spec), ("task", meta.task_spec))):
+        try:
+            got = json.loads(props.get(key, "null"))
+        except json.JSONDecodeError:
+            got = None
+        if got != want:
+            raise ModelFormatError(f"{path}: metadata_props {key} does not match model.json")
     if props.get("cell") != meta.cell:
         raise ModelFormatError(f"{path}: metadata_props cell {props.get('cell')!r} is not model.json's {meta.cell!r}")
 
@@ -279,8 +435,20 @@ def open_session(model: bytes | str | Path, options: ort.SessionOptions | None =
 
 
 def check_step(step: ort.InferenceSession, path: str | Path, meta: ModelMeta) -> None:
-    """One step from the initial state runs and returns (1, V) logits and a (1, S) state."""
+    """One step from the initial state runs and returns (1, V) logits and a (1, S) state (vector models:
+    the mean frame in, (1, O) finite outputs)."""
     state = meta.initial_state_array()[None]  # (1, S)
+    if meta.input_kind == "vector":
+        frame = meta.normalization()[0][None]  # (1, F): raw values at the training mean
+        try:
+            outputs, state_out = step.run(["outputs", "state_out"], {"inputs": frame, "state": state})
+        except Exception as e:  # noqa: BLE001 -- a graph that loads but cannot run
+            raise ModelFormatError(f"{path}: a step from the initial state fails: {e}") from None
+        if outputs.shape != (1, meta.output_size) or state_out.shape != state.shape:
+            raise ModelFormatError(f"{path}: a step returned shapes {outputs.shape}, {state_out.shape}")
+        if not (np.isfinite(outputs).all() and np.isfinite(state_out).all()):
+            raise ModelFormatError(f"{path}: a step from the initial state returned NaN or infinite values")
+        return
     try:
         logits, state_out = step.run(["logits", "state_out"], {"tokens": np.zeros(1, np.int64), "state": state})
     except Exception as e:  # noqa: BLE001 -- a graph that loads but cannot run

@@ -13,7 +13,12 @@ from .model import INIT_MODES
 # Flags that shape the model, the data or the optimisation: fixed by the checkpoint on --resume.
 FIXED_ON_RESUME = ("cell", "hidden", "layers", "embed", "dropout", "out_dropout", "weight_drop", "shift_epochs",
                    "init_state", "calibrate", "batch", "seq_len",
-                   "lr", "schedule", "warmup", "clip", "seed", "steps")
+                   "lr", "schedule", "warmup", "clip", "seed", "steps",
+                   "series", "val", "task", "labels", "features", "val_fraction", "loss")
+# Flags of one kind of run only: text (--data) or numeric sequences (--series).
+TEXT_ONLY = ("data", "embed", "shift_epochs", "calibrate", "val_streams")
+SERIES_ONLY = ("series", "val", "test", "task", "labels", "features", "val_fraction", "horizon", "loss")
+TASKS = ("classify", "forecast")
 
 
 class TrainError(ValueError):
@@ -52,6 +57,15 @@ class TrainArgs:
     resume: str | None = None
     stop_at: int | None = None
     progress: bool = True
+    series: str | None = None
+    val: str | None = None
+    test: str | None = None
+    task: str = "classify"
+    labels: str = "sequence"
+    features: str | None = None
+    val_fraction: float = 0.1
+    horizon: int = 0
+    loss: str = "nll"
 
 
 def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -61,9 +75,10 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     def dflt(v):
         return argparse.SUPPRESS if suppress else v
 
-    p = argparse.ArgumentParser(prog="rnn-train", description="Train a char-level RNN on a UTF-8 text file.",
+    p = argparse.ArgumentParser(prog="rnn-train", description="Train a char-level RNN on a UTF-8 text file "
+                                "(--data), or a sequence classifier or forecaster on numeric frames (--series).",
                                 argument_default=argparse.SUPPRESS if suppress else None)
-    p.add_argument("--data", default=dflt(None), help="UTF-8 text corpus (required unless --resume)")
+    p.add_argument("--data", default=dflt(None), help="UTF-8 text corpus (this or --series, unless --resume)")
     p.add_argument("--out", default=dflt(None), help="run folder for ckpt.pt, metrics.jsonl, loss.png "
                    "(default runs/default, or the resumed checkpoint's folder)")
     p.add_argument("--cell", choices=CELL_KINDS, default=dflt(d.cell))
@@ -100,6 +115,21 @@ def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, default=dflt(None),
                    help="stop after this step (checkpointed), as if interrupted; resume later")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=dflt(True))
+    g = p.add_argument_group("numeric sequences (trainer/series.py describes the CSV and NPZ layouts)")
+    g.add_argument("--series", default=dflt(None), help="training sequences, .csv or .npz")
+    g.add_argument("--val", default=dflt(None), help="validation sequences (default: --val-fraction of --series)")
+    g.add_argument("--test", default=dflt(None), help="test sequences, measured once at the last step")
+    g.add_argument("--task", choices=TASKS, default=dflt(d.task),
+                   help="classify the label column, or forecast the next frame")
+    g.add_argument("--labels", choices=("sequence", "step"), default=dflt(d.labels),
+                   help="classify: one label per sequence (read at its last step) or one per step")
+    g.add_argument("--features", default=dflt(None), help="comma-separated feature columns (default: all)")
+    g.add_argument("--val-fraction", type=float, default=dflt(d.val_fraction),
+                   help="sequences held out of --series for validation when there is no --val (0: none)")
+    g.add_argument("--horizon", type=int, default=dflt(d.horizon),
+                   help="forecast: also measure an H-step rollout against a last-value forecast (0: off)")
+    g.add_argument("--loss", choices=("nll", "mse"), default=dflt(d.loss),
+                   help="forecast: Gaussian NLL with a predicted log-variance, or squared error of the mean")
     p.add_argument("--log-level", default=dflt("INFO"))
     return p
 
@@ -128,9 +158,17 @@ def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None
         ns = merged
     if ns["out"] is None:
         ns["out"] = TrainArgs.out
-    if not ns["data"]:
-        raise TrainError("--data is required (a UTF-8 text file)")
+    if bool(ns["data"]) == bool(ns["series"]):
+        raise TrainError("give --data (a UTF-8 text file) or --series (numeric sequences), not both"
+                         if ns["data"] else "--data is required (a UTF-8 text file), or --series (numeric sequences)")
+    wrong = [k for k in (TEXT_ONLY if ns["series"] else SERIES_ONLY) if k in given and k not in ("data", "series")]
+    if wrong:
+        raise TrainError(f"--{wrong[0].replace('_', '-')} is for {'text' if ns['series'] else 'numeric sequence'} "
+                         f"runs, not {'--series' if ns['series'] else '--data'}")
     args = TrainArgs(**{f.name: ns[f.name] for f in fields(TrainArgs)})
+    if args.series and not (0.0 <= args.val_fraction < 1.0 and args.horizon >= 0):
+        raise TrainError(f"--val-fraction must be in [0, 1) and --horizon >= 0, got {args.val_fraction}, "
+                         f"{args.horizon}")
     for name in ("hidden", "layers", "embed", "batch", "seq_len", "steps", "eval_every"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

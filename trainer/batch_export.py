@@ -131,7 +131,14 @@ def export_one(ckpt: str, repo: str, name: str | None, eval_text: str | None, ev
         existing = None if force else find_unchanged(name_dir, eval_sha, ckpt_sha=ckpt_sha, exporter=og.FORMAT)
         if existing is None:
             loaded = checkpoint.load(ckpt)
-            content = og.content_hash(loaded.model, loaded.vocab)
+            if loaded.is_series and eval_text is not None:
+                raise ValueError(f"{ckpt} is a sequence model: --eval-corpus does not apply to it")
+            if loaded.is_series:
+                from . import series_graph as sg
+
+                content = sg.content_hash(loaded.model, *sg.specs(loaded.model, loaded.series))
+            else:
+                content = og.content_hash(loaded.model, loaded.vocab)
             existing = None if force else find_unchanged(name_dir, eval_sha, content=content)
         if existing is not None:
             row["status"] = "skipped"
@@ -139,8 +146,14 @@ def export_one(ckpt: str, repo: str, name: str | None, eval_text: str | None, ev
         else:
             source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": ckpt_sha,
                       "eval_corpus_sha256": eval_sha}
-            path = export_model(loaded.model, loaded.vocab, repo, name, metrics=loaded.metrics,
-                                eval_text=eval_text, source=source)
+            if loaded.is_series:
+                from .series_export import export_series_model
+
+                path = export_series_model(loaded.model, loaded.series, repo, name, metrics=loaded.metrics,
+                                           source=source)
+            else:
+                path = export_model(loaded.model, loaded.vocab, repo, name, metrics=loaded.metrics,
+                                    eval_text=eval_text, source=source)
             row["status"] = "ok"
             _fill(row, path)
     except (ValueError, OSError) as e:  # CheckpointError, ExportError, ModelFormatError, I/O

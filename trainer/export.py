@@ -121,10 +121,29 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
 
 def export_checkpoint(ckpt_path: str | Path, repo: str | Path, name: str, version: int | None = None,
                       eval_text: str | None = None, *, step_tol: float = STEP_TOL,
-                      seq_tol: float = SEQ_TOL) -> Path:
-    """Export a trainer checkpoint (trainer.checkpoint format), recording its sha256 and metrics."""
+                      seq_tol: float = SEQ_TOL, eval_series: str | Path | None = None) -> Path:
+    """Export a trainer checkpoint (trainer.checkpoint format), recording its sha256 and metrics.
+
+    A sequence model's checkpoint goes to trainer.series_export; `eval_series` (a .csv or .npz in the
+    trainer.series layout) is then measured in onnxruntime, as `eval_text` is for a text model.
+    """
     loaded = checkpoint.load(ckpt_path)
     source = {"checkpoint": str(Path(ckpt_path).resolve()), "checkpoint_sha256": sha256_file(ckpt_path)}
+    if loaded.is_series:
+        if eval_text is not None:
+            raise ExportError(f"{ckpt_path} is a sequence model: evaluate it with --eval-series, not a text corpus")
+        from .series import load_series
+        from .series_export import export_series_model
+
+        info, data = loaded.series, None
+        if eval_series is not None:
+            labels = info.get("labels") if loaded.config.task == "classify" else None
+            data = load_series(eval_series, labels, info.get("features"), tuple(info.get("classes") or ()) or None)
+            source["eval_series"], source["eval_series_sha256"] = str(eval_series), sha256_file(eval_series)
+        return export_series_model(loaded.model, info, repo, name, version, metrics=loaded.metrics, source=source,
+                                   eval_set=data)
+    if eval_series is not None:
+        raise ExportError(f"{ckpt_path} is a text model: evaluate it with --eval-corpus, not --eval-series")
     return export_model(loaded.model, loaded.vocab, repo, name, version, metrics=loaded.metrics,
                         eval_text=eval_text, source=source, step_tol=step_tol, seq_tol=seq_tol)
 

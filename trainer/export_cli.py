@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name (default: the checkpoint's stem, or its folder for ckpt.pt)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
     p.add_argument("--eval-corpus", help="UTF-8 corpus: record onnxruntime's loss on its last 10%% as val_loss")
+    p.add_argument("--eval-series", help="sequence model: a .csv/.npz test set; onnxruntime's accuracy or "
+                   "forecast error on it is recorded as metrics.test_*")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from .export import default_name, export_checkpoint
 
         name = args.name or default_name(args.checkpoint)
-        path = export_checkpoint(args.checkpoint, args.repo, name, args.version, eval_text=text)
+        path = export_checkpoint(args.checkpoint, args.repo, name, args.version, eval_text=text,
+                                 eval_series=args.eval_series)
     except (ValueError, OSError) as e:  # ExportError, CheckpointError, CorpusError, ModelFormatError, I/O
         print(f"rnn-export: error: {e}", file=sys.stderr)
         return 1
@@ -60,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print("rnn-export: interrupted; nothing was published", file=sys.stderr)
         return 130
     meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    tests = {k: v for k, v in meta["metrics"].items() if k.startswith("test_")}
     print(json.dumps({"path": str(path), "name": meta["name"], "version": meta["version"],
-                      "val_loss": meta["metrics"]["val_loss"], "checks": meta["checks"]}))
+                      "val_loss": meta["metrics"]["val_loss"], **tests, "checks": meta["checks"]}))
     return 0
 
 

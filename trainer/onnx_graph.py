@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..server.contract import IR_VERSION, OPSET
-from .model import RNNModel
+from .model import RNNModel, SeriesModel
 from .publish import ExportError
 
 FORMAT = "rnnserve-onnx/1"
@@ -46,8 +46,14 @@ def fold_table(model: RNNModel) -> np.ndarray:
 
 def initializers(model: RNNModel) -> list[TensorProto]:
     """Every weight and constant the step body reads, as named initializers."""
+    arrays: dict[str, np.ndarray] = {"emb_proj": fold_table(model), **layer_arrays(model)}
+    return [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+
+
+def layer_arrays(model: RNNModel | SeriesModel) -> dict[str, np.ndarray]:
+    """The cells' weights (all but the first layer's input projection), the head and the body's constants."""
     H = model.config.hidden_size
-    arrays: dict[str, np.ndarray] = {"emb_proj": fold_table(model)}
+    arrays: dict[str, np.ndarray] = {}
     for i, cell in enumerate(model.cells):
         arrays[f"l{i}.w_h"] = _np(cell.w_h)
         if cell.kind == "gru":
@@ -62,7 +68,7 @@ def initializers(model: RNNModel) -> list[TensorProto]:
     arrays["split2"] = np.array([H] * 2, dtype=np.int64)
     arrays["split3"] = np.array([H] * 3, dtype=np.int64)
     arrays["split4"] = np.array([H] * 4, dtype=np.int64)
-    return [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+    return arrays
 
 
 class _Body:
@@ -104,7 +110,7 @@ def _cell_step(b: _Body, kind: str, i: int, xp: str, s: str) -> tuple[str, str]:
     return h, b.one("Concat", h, c, axis=1)
 
 
-def _step_body(b: _Body, model: RNNModel, xp: str, state: str, state_out: str) -> str:
+def _step_body(b: _Body, model: RNNModel | SeriesModel, xp: str, state: str, state_out: str) -> str:
     """All layers of one step from the first layer's projected input; returns the top h (B, H)."""
     layers = len(model.cells)
     states = b.op("Split", [state, "layer_split"], layers, axis=1) if layers > 1 else [state]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import signal
 import sys
@@ -27,6 +26,7 @@ from torch import Tensor
 from . import checkpoint
 from .args import TrainArgs, TrainError, parse_args
 from .data import CorpusError, StreamBatches, Vocab, load_text, split
+from .loop import STOP, clip_gradients, lr_factor, pick_device, rng_state, set_rng_state
 from .model import ModelConfig, RNNModel
 from .report import (
     append_row,
@@ -40,51 +40,13 @@ from .report import (
 
 log = logging.getLogger(__name__)
 
-_STOP = threading.Event()  # set by SIGTERM/SIGINT; the loop stops between steps, so state stays whole
-
-
-def lr_factor(step: int, args: TrainArgs) -> float:
-    """Multiplier of --lr at optimiser step `step` (0-based): linear warmup, then cosine to 0 or constant."""
-    if args.warmup > 0 and step < args.warmup:
-        return (step + 1) / args.warmup
-    if args.schedule == "constant":
-        return 1.0
-    span = max(1, args.steps - args.warmup)
-    progress = min(1.0, (step - args.warmup) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def clip_gradients(params: list[Tensor], clip: float) -> float:
-    """Scale gradients so their global L2 norm is at most `clip` (<= 0: no clipping); return the norm before."""
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    return float(norm)
-
-
-def _rng_state() -> dict[str, Any]:
-    out = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+_STOP = STOP  # set by SIGTERM/SIGINT; the loop stops between steps, so state stays whole
+_rng_state, _set_rng_state, _pick_device = rng_state, set_rng_state, pick_device
+__all__ = ["Run", "TrainArgs", "clip_gradients", "evaluate", "lr_factor", "main", "sequence_loss"]
 
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _pick_device(name: str) -> str:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda was asked for but CUDA is not available (torch has no usable GPU)")
-    if name not in ("cpu", "cuda"):
-        raise TrainError(f"--device must be cpu or cuda, got {name!r}")
-    return name
 
 
 class Run:
@@ -264,6 +226,8 @@ def _train(argv: list[str] | None) -> int:
         args, raw, level = parse_args(argv)
         logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if args.series:
+            return _train_series(args, raw)
         run = Run(args, raw)
         log.info("model %s: %d parameters, state_size %d, vocab %d; %d train / %d val chars",
                  run.config.to_dict(), sum(p.numel() for p in run.params), run.model.state_size,
@@ -277,6 +241,20 @@ def _train(argv: list[str] | None) -> int:
         print("rnn-train: interrupted; the checkpoint is resumable with --resume", file=sys.stderr)
         return 130
     print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, "val_loss": val,
+                      "wall_time_s": round(run.wall, 1)}))
+    return 0
+
+
+def _train_series(args: TrainArgs, raw: dict[str, Any] | None) -> int:
+    """rnn-train --series: train, print the checkpoint and its validation and test metrics as JSON."""
+    from .series_train import SeriesRun  # imports this module: loaded only for sequence runs
+
+    run = SeriesRun(args, raw)
+    log.info("series model %s: %d parameters, state_size %d; %d train / %d val sequences, %d features",
+             run.config.to_dict(), sum(p.numel() for p in run.params), run.model.state_size, len(run.train_set),
+             0 if run.val_set is None else len(run.val_set), run.config.features)
+    metrics = run.run()
+    print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, **metrics,
                       "wall_time_s": round(run.wall, 1)}))
     return 0
 
