@@ -49,6 +49,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.metrics = metrics
+        self._vector = model.kind == "vector"  # frames in, no generation
         self.on_stepped = on_stepped  # called with the sessions whose state moved on in an iteration
         self._feeds: list[FeedJob] = []  # single-token feeds, stepped with the generating rows
         self._feed_t: list[float] = []  # their arrival times (perf_counter), in the same order
@@ -138,7 +139,8 @@ class Batcher:
         """One single-token feed run at once on the event loop: no batcher wake-up, no thread hop (the
         ping-pong path when the batcher is idle); the same schedule -> execute -> update as an iteration."""
         rows = np.array([job.session.row], np.int64)  # (1,)
-        plan = Plan([job], [], [], rows, np.array([int(job.tokens[0])], np.int64), self.pool.states[rows], [])
+        tok = job.tokens[:1] if self._vector else np.array([int(job.tokens[0])], np.int64)  # (1,) or (1, F)
+        plan = Plan([job], [], [], rows, tok, self.pool.states[rows], [])
         t0 = time.perf_counter()
         try:
             out_step, out_seq, _ = self._compute(plan.step_tok, plan.step_state, [])
@@ -241,7 +243,11 @@ class Batcher:
             rows = []
         pool = self.pool
         step_rows = np.array([j.session.row for j in feeds1] + [r.session.row for r in rows], np.int64)
-        step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
+        if self._vector:  # frames (B, F); a vector model never generates
+            step_tok = np.stack([j.tokens[0] for j in feeds1]) if feeds1 else np.empty((0, self.model.features),
+                                                                                      np.float32)
+        else:
+            step_tok = np.array([int(j.tokens[0]) for j in feeds1] + [r.token for r in rows], np.int64)  # (B,)
         step_state = pool.states[step_rows] if len(step_rows) else None  # (B, S)
         return Plan(feeds1, rows, [j for g, _, _ in seq_in for j in g], step_rows, step_tok, step_state, seq_in,
                     gen_rows, gen_in, gen_first)
@@ -352,13 +358,14 @@ class Batcher:
 
         gen: the batch has generating rows; the step and generation calls use generation's threading."""
         out_step, out_gen, ro = None, None, self._run_options
+        i, o = self.model.io_names  # tokens/logits, or inputs/outputs for a vector model
         if len(tok):
             step = self.model.step_gen if gen and self.model.step_gen is not None else self.model.step
-            out_step = step.run(["logits", "state_out"], {"tokens": tok, "state": state}, ro)
+            out_step = step.run([o, "state_out"], {i: tok, "state": state}, ro)
         out_seq = []
         for _, t, s in seq_in:
             t0 = time.perf_counter()
-            logits, st = self.model.sequence.run(["logits", "state_out"], {"tokens": t, "state": s}, ro)
+            logits, st = self.model.sequence.run([o, "state_out"], {i: t, "state": s}, ro)
             out_seq.append((logits, st, time.perf_counter() - t0))
         if gen_in is not None:
             out_gen = self.model.generate.run(["tokens", "state_out", "logits_out"], gen_in, ro)

@@ -278,7 +278,7 @@ class Engine:
         return session_id in self.table.live
 
     async def feed(self, session_id: str, tokens: Sequence[int] | np.ndarray | str,
-                   output: str = "last", top_k: int = 0, logits: bool = True) -> FeedResult:
+                   output: str = "last", top_k: int = 0, logits: bool = True, horizon: int = 0) -> FeedResult:
         """Push text or token ids through a session (1 token: a batched step; more: sequence.onnx in slices).
 
         top_k > 0 also returns the top-k ids and probabilities of each returned step; `logits`: whether the
@@ -286,17 +286,30 @@ class Engine:
         self._accepting()
         if output not in OUTPUTS:
             raise InvalidArgument(f"output must be one of {OUTPUTS}, got {output!r}")
-        return await self.runner.feed(await self._claim(session_id), tokens, output, top_k, logits)
+        return await self.runner.feed(await self._claim(session_id), tokens, output, top_k, logits, horizon)
 
-    def check_feed(self, mv: ModelVersion, n: int, output: str = "all", top_k: int = 0, logits: bool = True) -> None:
-        """Refuse, before any work, a feed that is empty, too long, too big to answer or over the budget."""
+    async def forecast(self, session_id: str, horizon: int) -> np.ndarray:
+        """A forecaster's next `horizon` steps (H, O) after the session's last frame, fed back one at a time;
+        the session's own state does not move (vector models whose task is forecast only)."""
+        self._accepting()
+        return await self.runner.forecast(await self._claim(session_id), int(horizon))
+
+    def check_feed(self, mv: ModelVersion, n: int, output: str = "all", top_k: int = 0, logits: bool = True,
+                   horizon: int = 0) -> None:
+        """Refuse, before any work, a feed that is empty, too long, too big to answer or over the budget (or
+        whose forecast horizon does not fit the model)."""
         self.runner.check_feed(mv, n, output, top_k, logits)
+        if horizon:
+            self.runner.check_horizon(mv, horizon)
 
     async def infer(self, name: str, version: int, tokens: Sequence[int] | np.ndarray,
-                    state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
+                    state: Sequence[float] | np.ndarray | None = None, horizon: int = 0,
+                    with_forecast: bool = False) -> tuple:
+        """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)
+        (and, with_forecast, a forecaster's rollout (H, O) after them, None when horizon is 0)."""
         self._accepting()
-        return await self.runner.infer(self.model(name, version), tokens, state)
+        out = await self.runner.infer(self.model(name, version), tokens, state, horizon)
+        return out if with_forecast else out[:2]
 
     async def generate(self, session_id: str, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                        top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),

@@ -23,8 +23,17 @@ def check_id(value: str, what: str = "session id") -> str:
     return value
 
 
+def _not_vector(mv: ModelVersion, what: str) -> None:
+    """INVALID_ARGUMENT when a token call (text, token ids, generation) reaches a vector model."""
+    if mv.kind == "vector":
+        raise InvalidArgument(f"model {mv.key} takes frames of {mv.features} floats ({mv.meta.task} model), "
+                              f"not {what}: send frames (native Feed.frames, KServe input 'inputs' FP32 [1, T, "
+                              f"{mv.features}])")
+
+
 def encode(mv: ModelVersion, text: str) -> np.ndarray:
     """Text -> token ids (n,); INVALID_ARGUMENT naming the first character outside the vocabulary."""
+    _not_vector(mv, "text")
     ids = mv.char_ids
     try:
         return np.fromiter((ids[c] for c in text), np.int64, len(text))
@@ -37,6 +46,8 @@ def encode(mv: ModelVersion, text: str) -> np.ndarray:
 def check_tokens(mv: ModelVersion, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids -> (n,) int64; INVALID_ARGUMENT naming the first id outside [0, vocab)."""
     V = mv.vocab_size
+    if not V:
+        _not_vector(mv, "token ids")
     if type(tokens) is list and len(tokens) <= 8 and all(type(t) is int and 0 <= t < V for t in tokens):
         return np.array(tokens, np.int64)  # the common ping-pong case, without the array checks
     try:
@@ -48,6 +59,61 @@ def check_tokens(mv: ModelVersion, tokens: Sequence[int] | np.ndarray) -> np.nda
         raise InvalidArgument(f"token id {int(arr[bad[0]])} at position {int(bad[0])} is out of range "
                               f"[0, {V}) for {mv.key}")
     return arr
+
+
+def check_frames(mv: ModelVersion, frames: Sequence[float] | np.ndarray, features: int = 0) -> np.ndarray:
+    """Float frames -> (T, F) float32 for a vector model: a (T, F) array, or T*F values in time order (with
+    `features` = F when given); INVALID_ARGUMENT on a token model, a wrong width, no frame, or a NaN or
+    infinite value (named by frame and feature: the graphs would carry it into the state)."""
+    if mv.kind != "vector":
+        raise InvalidArgument(f"model {mv.key} takes token ids or text, not float frames")
+    F = mv.features
+    if features and features != F:
+        raise InvalidArgument(f"frames have {features} features each, model {mv.key} takes {F}")
+    try:
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused below
+            arr = np.asarray(frames, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidArgument(f"frames must be numbers: {F} floats per frame for {mv.key}") from None
+    if arr.ndim == 2 and arr.shape[1] != F:
+        raise InvalidArgument(f"frames have {arr.shape[1]} features each, model {mv.key} takes {F}")
+    if arr.ndim > 2 or arr.size % F:
+        raise InvalidArgument(f"{arr.size} values are not whole frames of {F} features for {mv.key}")
+    arr = arr.reshape(-1, F)  # (T, F)
+    bad = np.argwhere(~np.isfinite(arr))
+    if len(bad):
+        t, f = (int(v) for v in bad[0])
+        raise InvalidArgument(f"frame {t} feature {f} is {float(arr[t, f])}: frames must be finite numbers "
+                              "(NaN or infinity would poison the session's state)")
+    return arr
+
+
+def check_generable(mv: ModelVersion) -> None:
+    """INVALID_ARGUMENT for a generation on a vector model (it has no tokens to sample)."""
+    _not_vector(mv, "a generation (a forecaster rolls out with a feed's horizon)")
+
+
+def check_horizon(mv: ModelVersion, horizon: int, limit: int) -> None:
+    """INVALID_ARGUMENT unless a forecast horizon fits: a forecaster, 1 <= horizon <= limit."""
+    if mv.meta.task != "forecast":
+        raise InvalidArgument(f"horizon is for forecasting models; {mv.key} is a {mv.meta.task} model")
+    if not 1 <= horizon <= limit:
+        raise InvalidArgument(f"horizon must be in [1, {limit}] (--max-feed-tokens), got {horizon}")
+
+
+def check_input(mv: ModelVersion, data: Sequence | np.ndarray | str) -> np.ndarray:
+    """What a feed carries, checked for its model: text or token ids -> (n,) int64, frames -> (n, F) float32."""
+    if isinstance(data, str):
+        return encode(mv, data)
+    floats = isinstance(data, np.ndarray) and data.dtype.kind == "f"  # frames, as the protocols decode them
+    if mv.kind == "vector":
+        if (isinstance(data, np.ndarray) and data.dtype.kind in "iu") or (type(data) is list and data
+                                                                           and type(data[0]) is int):
+            _not_vector(mv, "token ids")
+        return check_frames(mv, data)
+    if floats:
+        raise InvalidArgument(f"model {mv.key} takes token ids or text, not float frames")
+    return check_tokens(mv, data)
 
 
 def check_state(mv: ModelVersion, state: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -65,8 +131,8 @@ def check_logits(mv: ModelVersion, logits: Sequence[float] | np.ndarray) -> np.n
     """A distribution's logits -> (V,) float32; INVALID_ARGUMENT on a wrong length or non-finite values."""
     with np.errstate(over="ignore"):
         arr = np.asarray(logits, dtype=np.float32).reshape(-1)
-    if arr.shape[0] != mv.vocab_size:
-        raise InvalidArgument(f"logits have length {arr.shape[0]}, {mv.key} has a vocabulary of {mv.vocab_size}")
+    if arr.shape[0] != mv.output_size:
+        raise InvalidArgument(f"logits have length {arr.shape[0]}, {mv.key} has {mv.output_size} outputs per step")
     if not np.isfinite(arr).all():
         raise InvalidArgument("logits contain NaN or infinite values (or values beyond float32's range)")
     return arr

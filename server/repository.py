@@ -60,6 +60,26 @@ class ModelVersion:
         """name:version, for logs and metric labels."""
         return f"{self.name}:{self.version}"
 
+    @property
+    def kind(self) -> str:
+        """"tokens" (token ids or text in) or "vector" (float frames in), as model.json says."""
+        return self.meta.input_kind
+
+    @property
+    def features(self) -> int:
+        """Width F of a vector model's frames (0 for a token model)."""
+        return self.meta.features or 0
+
+    @property
+    def output_size(self) -> int:
+        """Last axis of the graphs' scores (O): the vocabulary, the classes or the forecast's blocks."""
+        return self.meta.output_size
+
+    @property
+    def io_names(self) -> tuple[str, str]:
+        """(input, output) names of model.onnx and sequence.onnx: tokens/logits or inputs/outputs."""
+        return ("inputs", "outputs") if self.kind == "vector" else ("tokens", "logits")
+
 
 def _options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()

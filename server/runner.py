@@ -3,6 +3,7 @@ generations; the checks that refuse a feed before it runs. The engine finds and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -89,7 +90,16 @@ class Runner:
         return self.models.batchers
 
     async def feed(self, s: Session, tokens: Sequence[int] | np.ndarray | str,
-                   output: str = "last", top_k: int = 0, logits: bool = True) -> FeedResult:
+                   output: str = "last", top_k: int = 0, logits: bool = True, horizon: int = 0) -> FeedResult:
+        """A feed, then (horizon > 0, forecasters) the rollout of `horizon` steps after it, in one call."""
+        if not horizon:
+            return await self._feed(s, tokens, output, top_k, logits)
+        inputs.check_horizon(s.model, horizon, self.settings.max_feed_tokens)  # before the feed moves anything
+        res = await self._feed(s, tokens, output, top_k, logits)
+        return dataclasses.replace(res, forecast=await self.forecast(s, horizon))
+
+    async def _feed(self, s: Session, tokens: Sequence[int] | np.ndarray | str,
+                    output: str, top_k: int, logits: bool) -> FeedResult:
         """Push text or token ids through a session (1 token: a batched step; more: sequence.onnx in slices).
 
         top_k > 0 also returns the top-k ids and probabilities of each returned step (FeedResult.top),
@@ -98,9 +108,9 @@ class Runner:
         mv = s.model
         top_k = max(0, int(top_k))
         self.check_feed(mv, len(tokens), output, top_k, logits)
-        ids = inputs.encode(mv, tokens) if isinstance(tokens, str) else inputs.check_tokens(mv, tokens)
+        ids = inputs.check_input(mv, tokens)  # (n,) ids, or (n, F) frames for a vector model
         self.quotas.spend(auth.current.get(), len(ids))
-        fresh = s.steps == 0 and s.origin is not None and output != "all"  # the prefix cache's case
+        fresh = s.steps == 0 and s.origin is not None and output != "all" and mv.kind == "tokens"  # prefix cache
         if fresh:
             n, hit = self.prefixes.lookup(mv.key, s.origin, ids)
             self._count_prefix(hit is not None)
@@ -111,7 +121,8 @@ class Runner:
                 if n == len(ids):
                     self.stepped([s])
                     out = None if output == "none" else hit.logits[None].copy()  # (1, V)
-                    return FeedResult(n, out, s.steps, top_k_of(out, top_k) if out is not None and top_k else None)
+                    return FeedResult(n, out, s.steps, top_k_of(out, top_k) if out is not None and top_k else None,
+                                      model=mv)
             rest = ids[n:]
         s.busy = True
         # no shield: a cancelled caller cancels only this future; the batcher still runs the feed to its end
@@ -119,7 +130,7 @@ class Runner:
         logits_out, top = await self.batchers[mv].feed(s, rest if fresh else ids, output, top_k)
         if fresh and not s.closed and s.has_logits:
             self.prefixes.put(mv.key, s.origin, ids, s.state, s.logits)
-        return FeedResult(len(ids), logits_out, s.steps, top)
+        return FeedResult(len(ids), logits_out, s.steps, top, model=mv)
 
     def _count_prefix(self, hit: bool) -> None:
         if self.metrics is not None:
@@ -129,34 +140,69 @@ class Runner:
         """Refuse, before any work, a feed that is empty, too long, too big to answer, or over the budget of
         tokens in flight (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit)."""
         if n == 0:
-            raise InvalidArgument("feed has no tokens: send text or token ids")
+            raise InvalidArgument("feed has no frames: send at least one" if mv.kind == "vector"
+                                  else "feed has no tokens: send text or token ids")
+        if top_k and mv.meta.task == "forecast":
+            raise InvalidArgument(f"top_k is for token and class distributions; {mv.key} forecasts values")
         inputs.check_feed_size(n, self.settings.max_feed_tokens)
         steps_back = {"none": 0, "last": 1, "all": n}[output]
-        inputs.check_answer_size(inputs.answer_bytes(steps_back, mv.vocab_size, logits or not top_k, top_k),
+        inputs.check_answer_size(inputs.answer_bytes(steps_back, mv.output_size, logits or not top_k, top_k),
                                  self.settings.max_send_bytes, f"the answer to this feed of {n} tokens")
         running, limit = sum(b.inflight_tokens for b in self.batchers.values()), self.settings.max_inflight_tokens
         if running + n > limit:
             raise ResourceExhausted(f"the server is already running {running} feed tokens; {n} more would pass "
                                     f"its limit of {limit} (--max-inflight-tokens): retry shortly")
 
+    def check_horizon(self, mv: ModelVersion, horizon: int) -> None:
+        """A forecast horizon this model and --max-feed-tokens allow (INVALID_ARGUMENT otherwise)."""
+        inputs.check_horizon(mv, horizon, self.settings.max_feed_tokens)
+
     async def infer(self, mv: ModelVersion, tokens: Sequence[int] | np.ndarray,
-                    state: Sequence[float] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stateless: from the model's initial state (or `state`), logits (n, V) and the final state (S,)."""
-        ids = inputs.check_tokens(mv, tokens)
+                    state: Sequence[float] | np.ndarray | None = None,
+                    horizon: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Stateless: from the model's initial state (or `state`), logits (n, V), the final state (S,) and a
+        forecaster's rollout (H, O) after them (None when horizon is 0)."""
+        ids = inputs.check_input(mv, tokens)
         self.check_feed(mv, len(ids))
+        if horizon:
+            self.check_horizon(mv, horizon)
         self.quotas.spend(auth.current.get(), len(ids))
         s = self.table.create(mv, inputs.start_state(mv, "model" if state is None else "given", state), count=False)
         try:  # an ephemeral session: not counted against --max-sessions, never listed or stored
             s.busy = True
             logits, _ = await self.batchers[mv].feed(s, ids, "all")
-            return logits, s.state
+            return logits, s.state, (await self.forecast(s, horizon) if horizon else None)
         finally:
             self.table.discard(s)
+
+    async def forecast(self, s: Session, horizon: int) -> np.ndarray:
+        """A forecaster's next `horizon` steps (H, O) from the session's last outputs: each predicted mean is
+        fed back as the next frame, from a copy of the state, so the session itself stays where it is (the
+        rollout is a guess, not an observation). Each step is a batched step call of an ephemeral session."""
+        mv = s.model
+        inputs.check_horizon(mv, horizon, self.settings.max_feed_tokens)
+        if not s.has_logits:
+            raise FailedPrecondition(f"session {s.id} has no forecast to roll out yet: feed at least one frame "
+                                     "first (in the same request, or before it)")
+        self.check_feed(mv, horizon, "all")
+        self.quotas.spend(auth.current.get(), horizon)
+        F, out = mv.features, np.empty((horizon, mv.output_size), np.float32)  # (H, O)
+        last = s.logits  # (O,): outputs[:F] is the predicted next frame, in raw units
+        e = self.table.create(mv, s.state, count=False)
+        try:  # an ephemeral session, as infer's
+            for h in range(horizon):
+                e.busy = True
+                (step,), _ = await self.batchers[mv].feed(e, last[None, :F].copy(), "last")  # (1, O)
+                out[h] = last = step
+        finally:
+            self.table.discard(e)
+        return out
 
     def generate(self, s: Session, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
                  chunk_tokens: int = 0) -> Generation:
         """Start sampling in the batcher; iterate the result for chunks."""
+        inputs.check_generable(s.model)
         if not s.has_logits:
             raise FailedPrecondition(f"session {s.id} has no distribution to sample from yet: "
                                      "feed at least one token first")

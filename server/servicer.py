@@ -10,6 +10,7 @@ import numpy as np
 
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc as pb_grpc
+from . import vectors
 from .engine import Engine
 from .errors import Aborted, FailedPrecondition, InvalidArgument, ServeError
 from .repository import ModelVersion
@@ -33,6 +34,17 @@ def _start(initial: int, state) -> tuple[str, list[float] | None]:
     if initial not in _INITIAL:
         raise InvalidArgument(f"unknown initial state mode {initial}")
     return _INITIAL[initial], (list(state) if initial == pb.INITIAL_STATE_GIVEN else None)
+def _frames(frames: pb.Frames) -> np.ndarray:
+    """Feed.frames -> float32 (T, F), or flat (T*F,) when `features` is 0; the engine checks it for the model."""
+    values = np.asarray(frames.values, np.float32)
+    if not frames.features:
+        return values
+    if values.size % frames.features:
+        raise InvalidArgument(f"frames.values holds {values.size} floats, not whole frames of "
+                              f"frames.features = {frames.features}")
+    return values.reshape(-1, frames.features)
+
+
 _OUTPUT = {pb.OUTPUT_NONE: "none", pb.OUTPUT_LAST: "last", pb.OUTPUT_ALL: "all"}
 _FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
            "cancelled": pb.FINISH_REASON_CANCELLED}
@@ -43,7 +55,30 @@ def model_info(mv: ModelVersion, latest: bool) -> pb.ModelInfo:
     m = mv.meta
     metrics = {k: float(v) for k, v in m.metrics.items() if isinstance(v, (int, float))}
     return pb.ModelInfo(name=mv.name, version=mv.version, cell=m.cell, vocab=mv.vocab, hidden_size=m.hidden_size,
-                        state_size=mv.state_size, layers=m.layers, metrics=metrics, latest=latest)
+                        state_size=mv.state_size, layers=m.layers, metrics=metrics, latest=latest,
+                        input_kind=mv.kind, features=mv.features, task=m.task, classes=m.classes,
+                        output_size=mv.output_size)
+
+
+def vector_distributions(mv: ModelVersion, outputs: np.ndarray | None, top_k: int,
+                         want_logits: bool) -> list[pb.Distribution]:
+    """(n, O) raw outputs of a vector model -> one Distribution each: probs (and top-k classes), or the
+    forecast's mean and spread; the raw outputs as `logits` when asked."""
+    if outputs is None:
+        return []
+    parts = vectors.answer(mv, outputs)
+    cols = {name: a.tolist() for name, a in parts.items()}
+    name_of = {"probabilities": "probs", "mean": "mean", "spread": "spread"}
+    rows = [{name_of[k]: cols[k][i] for k in cols} for i in range(len(outputs))]
+    if want_logits:
+        for row, raw in zip(rows, outputs.tolist()):
+            row["logits"] = raw
+    if top_k and "probabilities" in parts:
+        k = min(int(top_k), outputs.shape[1])
+        ids, probs = sample_top_k(outputs, k)
+        for row, i, q in zip(rows, ids[:, :k].tolist(), probs[:, :k].tolist()):
+            row["top_ids"], row["top_probs"] = i, q
+    return [pb.Distribution(**row) for row in rows]
 
 
 def distributions(logits: np.ndarray | None, top_k: int, want_logits: bool,
@@ -92,11 +127,20 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             raise InvalidArgument(f"unknown output mode {f.output}")
         which = f.WhichOneof("input")
         if which is None:
-            raise InvalidArgument("feed has no input: set text or tokens")
-        data = f.text if which == "text" else list(f.tokens.ids)
-        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output], top_k=f.top_k, logits=f.logits)
+            raise InvalidArgument("feed has no input: set text, tokens or frames")
+        if which == "frames":
+            data = _frames(f.frames)
+        else:
+            data = f.text if which == "text" else list(f.tokens.ids)
+        res: FeedResult = await self.engine.feed(sid, data, _OUTPUT[f.output], top_k=f.top_k, logits=f.logits,
+                                                 horizon=f.horizon)
+        mv = res.model
+        if mv is None or mv.kind != "vector":
+            return pb.FeedResult(fed=res.fed, steps=res.steps,
+                                 distributions=distributions(res.logits, f.top_k, f.logits, res.top))
         return pb.FeedResult(fed=res.fed, steps=res.steps,
-                             distributions=distributions(res.logits, f.top_k, f.logits, res.top))
+                             distributions=vector_distributions(mv, res.logits, f.top_k, f.logits),
+                             forecast=vector_distributions(mv, res.forecast, 0, False))
 
     # -- the session stream ---------------------------------------------------------------------------
     async def Session(self, request_iterator: AsyncIterator[pb.SessionRequest],

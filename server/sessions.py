@@ -33,7 +33,7 @@ class StatePool:
     def __init__(self, model: ModelVersion, capacity: int = 64) -> None:
         self.model = model
         self.states = np.zeros((capacity, model.state_size), np.float32)  # (C, S)
-        self.logits = np.zeros((capacity, model.vocab_size), np.float32)  # (C, V)
+        self.logits = np.zeros((capacity, model.output_size), np.float32)  # (C, V): a vector model's outputs (C, O)
         self.has_logits = np.zeros(capacity, bool)  # (C,)
         self.free: list[int] = list(range(capacity - 1, -1, -1))
         self.used = 0

@@ -139,6 +139,8 @@ class FeedResult:
     logits: np.ndarray | None
     steps: int
     top: tuple[np.ndarray, np.ndarray] | None = None  # (n, >= top_k) ids, probs when feed asked top_k
+    forecast: np.ndarray | None = None  # (H, O) a forecaster's rollout when feed asked a horizon
+    model: ModelVersion | None = None  # the version that ran the feed
 
 
 @dataclass(frozen=True)

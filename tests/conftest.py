@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 if TYPE_CHECKING:
@@ -178,4 +179,35 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         export_model(model, vocab, repo, name, version=1, eval_text=TINY_TEXT,
                      metrics={"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0},
                      source={"fixture": "tests/conftest.py"})
+    return repo
+
+
+# -- vector models (numeric frames in): a tiny classifier and a tiny forecaster ----------------------------
+MEAN, STD = np.array([10.0, -2.0, 0.5], np.float32), np.array([3.0, 0.25, 1.0], np.float32)
+INFO = {"features": ["a", "b", "c"], "classes": ["w", "x", "y", "z"], "labels": "sequence", "horizon": 3}
+
+
+def vector_model(cell: str, task: str, layers: int = 1, init: str = "zeros", seed: int = 0, loss: str = "nll"):
+    """A random SeriesModel of 3 features (4 classes when classifying), normalised with MEAN and STD."""
+    import torch
+    from rnnserve.trainer.model import SeriesConfig, SeriesModel
+
+    torch.manual_seed(seed)
+    model = SeriesModel(SeriesConfig(features=3, task=task, classes=4, loss=loss, cell=cell, hidden_size=12,
+                                     layers=layers, init_state=init))
+    model.set_normalization(torch.from_numpy(MEAN), torch.from_numpy(STD))
+    if init == "learned":
+        with torch.no_grad():
+            model.h0.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def vector_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one classifier (cls/1, gru) and one forecaster (fc/1, lstm) (read-only: copy it)."""
+    from rnnserve.trainer.series_export import export_series_model
+
+    repo = tmp_path_factory.mktemp("vector-repo")
+    export_series_model(vector_model("gru", "classify", init="learned"), INFO, repo, "cls", version=1)
+    export_series_model(vector_model("lstm", "forecast", layers=2), INFO, repo, "fc", version=1)
     return repo

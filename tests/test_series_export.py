@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import INFO, MEAN, STD, vector_model
 from rnnserve.server.contract import (
     REQUIRED_KEYS,
     VECTOR_REQUIRED_KEYS,
@@ -24,7 +25,6 @@ from rnnserve.server.contract import (
 )
 from rnnserve.trainer import checkpoint
 from rnnserve.trainer import series_graph as sg
-from rnnserve.trainer.model import SeriesConfig, SeriesModel
 from rnnserve.trainer.publish import ExportError
 from rnnserve.trainer.series import load_csv
 from rnnserve.trainer.series_export import export_series_model
@@ -32,33 +32,8 @@ from rnnserve.trainer.series_export import export_series_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-MEAN, STD = np.array([10.0, -2.0, 0.5], np.float32), np.array([3.0, 0.25, 1.0], np.float32)
 # The shipped vector model: (name, cell, classes, the held-out accuracy the README states for it).
 SHIPPED = ("japanese-vowels", "lstm", [str(k) for k in range(1, 10)], 0.975)
-
-
-def vector_model(cell: str, task: str, layers: int = 1, init: str = "zeros", seed: int = 0,
-                 loss: str = "nll") -> SeriesModel:
-    torch.manual_seed(seed)
-    model = SeriesModel(SeriesConfig(features=3, task=task, classes=4, loss=loss, cell=cell, hidden_size=12,
-                                     layers=layers, init_state=init))
-    model.set_normalization(torch.from_numpy(MEAN), torch.from_numpy(STD))
-    if init == "learned":
-        with torch.no_grad():
-            model.h0.uniform_(-0.5, 0.5)
-    return model.eval()
-
-
-INFO = {"features": ["a", "b", "c"], "classes": ["w", "x", "y", "z"], "labels": "sequence", "horizon": 3}
-
-
-@pytest.fixture(scope="module")
-def vector_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with one classifier (cls/1, gru) and one forecaster (fc/1, lstm)."""
-    repo = tmp_path_factory.mktemp("vector-repo")
-    export_series_model(vector_model("gru", "classify", init="learned"), INFO, repo, "cls", version=1)
-    export_series_model(vector_model("lstm", "forecast", layers=2), INFO, repo, "fc", version=1)
-    return repo
 
 
 @pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])

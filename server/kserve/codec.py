@@ -14,11 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from .. import vectors
 from ..errors import InvalidArgument, shown
 from ..inputs import check_id
 
 INPUT = "tokens"
+VECTOR_INPUT = "inputs"  # a vector model's frames, FP32 [1, T, F]
+HORIZON = "horizon"  # request parameter: a forecaster's steps to roll out after the frames
 OUTPUTS = ("logits", "state")
+VECTOR_OUTPUTS = ("outputs", "probabilities", "mean", "spread", "forecast_mean", "forecast_spread")
 DEFAULT_OUTPUTS = ("logits",)  # `state` only when requested
 SHORT = 8  # inputs up to this many tokens are read as a list (the engine checks a short list fastest)
 _WIDTH = {"INT64": 8, "INT32": 4}
@@ -125,14 +129,104 @@ def read_tokens(request: Any) -> list[int] | np.ndarray:
 
 
 def requested_outputs(request: Any) -> tuple[str, ...]:
-    """Names of the outputs a request asks for (`logits` alone when it names none)."""
+    """Names of the outputs a request asks for (`logits` alone when it names none; a vector model's defaults
+    are chosen by model_outputs once the model is known)."""
     if not request.outputs:
         return DEFAULT_OUTPUTS
     names = tuple(o.name for o in request.outputs)
-    unknown = [n for n in names if n not in OUTPUTS]
+    unknown = [n for n in names if n not in OUTPUTS + VECTOR_OUTPUTS]
     if unknown:
-        raise invalid(f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+        raise invalid(f"unknown output(s) {unknown}; token models have {list(OUTPUTS)}, vector models "
+                      f"{list(VECTOR_OUTPUTS)}")
     return names
+
+
+def read_horizon(request: Any) -> int:
+    """The `horizon` parameter (a forecaster's steps to roll out after the frames), 0 when absent."""
+    if HORIZON not in request.parameters:
+        return 0
+    value = _param(request.parameters[HORIZON])
+    if type(value) is not int or value < 1:
+        raise invalid(f"parameter {HORIZON} must be a positive int64, got {shown(value)}")
+    return value
+
+
+def model_outputs(mv: Any, asked: tuple[str, ...], explicit: bool, horizon: int) -> tuple[str, ...]:
+    """The outputs to answer for this model: checked against what it has (INVALID_ARGUMENT naming them), or
+    its defaults when the request named none (explicit False)."""
+    if mv.kind != "vector":
+        if horizon:
+            raise invalid(f"parameter {HORIZON} is for forecasting models; {mv.key} is a token model")
+        have = OUTPUTS
+    else:
+        named = vectors.named_outputs(mv)
+        rolled = tuple("forecast_" + n for n in named) if horizon else ()
+        have = ("outputs", "state", *named, *rolled)
+        if not explicit:
+            return named + rolled
+    wrong = [n for n in asked if n not in have]
+    if wrong:
+        raise invalid(f"model {mv.key} has no output(s) {wrong}; it has {list(have)}")
+    return asked
+
+
+def read_frames(request: Any, mv: Any) -> np.ndarray:
+    """The `inputs` input of a vector model's request, FP32 [1, T, F], as float32 (T, F) (checked for
+    NaN and infinity by the engine)."""
+    F = mv.features
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != VECTOR_INPUT:
+        names = [i.name for i in inputs]
+        raise invalid(f"model {mv.key} takes exactly one input named {VECTOR_INPUT!r} (FP32, shape [1, T, {F}]: "
+                      f"frames), got {names}")
+    tensor = inputs[0]
+    shape = list(tensor.shape)
+    if len(shape) != 3 or shape[0] != 1 or shape[2] != F or shape[1] < 1:
+        raise invalid(f"input {VECTOR_INPUT!r} must have shape [1, T, {F}] with T >= 1 for {mv.key}, got {shape}")
+    if tensor.datatype != "FP32":
+        raise invalid(f"input {VECTOR_INPUT!r} must be FP32, got {tensor.datatype or 'no datatype'}")
+    count = shape[1] * F
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1 or len(raw[0]) != count * 4:
+            got = sum(len(r) for r in raw)
+            raise invalid(f"input {VECTOR_INPUT!r}: raw_input_contents has {got} bytes in {len(raw)} tensor(s), "
+                          f"shape {shape} of FP32 needs {count * 4} in 1")
+        return np.frombuffer(raw[0], dtype="<f4").reshape(shape[1], F)
+    values = tensor.contents.fp32_contents
+    if len(values) != count:
+        raise invalid(f"input {VECTOR_INPUT!r}: contents.fp32_contents has {len(values)} values, "
+                      f"shape {shape} needs {count}")
+    return np.fromiter(values, dtype=np.float32, count=count).reshape(shape[1], F)
+
+
+def read_input(request: Any, mv: Any) -> list[int] | np.ndarray:
+    """What the request feeds, for the model it lands on: token ids, or frames (T, F)."""
+    if mv.kind == "vector":
+        return read_frames(request, mv)
+    if any(i.name == VECTOR_INPUT for i in request.inputs):
+        raise invalid(f"model {mv.key} is a token model: it takes {INPUT!r} (INT64, shape [1, T]), not "
+                      f"{VECTOR_INPUT!r} frames")
+    return read_tokens(request)
+
+
+def fill_vector_response(response: Any, names: tuple[str, ...], mv: Any, outputs: np.ndarray,
+                         state: np.ndarray | None, forecast: np.ndarray | None) -> None:
+    """A vector model's asked outputs as FP32 raw_output_contents: [1, T, .] per step, [1, H, F] rolled out."""
+    parts = {"outputs": outputs, **vectors.answer(mv, outputs)}  # (T, .)
+    if forecast is not None:
+        parts.update({"forecast_" + k: v for k, v in vectors.answer(mv, forecast).items()})  # (H, F)
+    for name in names:
+        data = state[None] if name == "state" else parts[name][None]
+        _add(response, name, data)
+
+
+def _add(response: Any, name: str, data: np.ndarray) -> None:
+    out = response.outputs.add()
+    out.name = name
+    out.datatype = "FP32"
+    out.shape.extend(data.shape)
+    response.raw_output_contents.append(np.ascontiguousarray(data, dtype="<f4").tobytes())
 
 
 def fill_response(response: Any, names: tuple[str, ...], logits: np.ndarray,

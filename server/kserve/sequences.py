@@ -39,6 +39,7 @@ class Step:
     restarted: bool = False  # START on an id that was live: the old session was closed
     session_id: str = ""  # the engine session (set on START)
     held: str = ""  # the engine session the request ran on (unless the sequence ended with it)
+    forecast: np.ndarray | None = None  # (H, O) a forecaster's rollout when the request set `horizon`
 
 
 def describe(key: Key) -> str:
@@ -67,7 +68,8 @@ class Sequences:
         self._sweep_at = SWEEP_FLOOR
 
     # -- ordering ---------------------------------------------------------------------------------
-    async def run(self, key: Key, seq: Sequence, name: str, version: int, tokens_of, want_state: bool) -> Step:
+    async def run(self, key: Key, seq: Sequence, name: str, version: int, tokens_of, want_state: bool,
+                  horizon: int = 0) -> Step:
         """Run one request of a sequence after the earlier ones of the same sequence (any stream)."""
         prev = self._tails.get(key)
         fut = asyncio.get_running_loop().create_future()
@@ -75,7 +77,7 @@ class Sequences:
         try:
             if prev is not None and not prev.done():
                 await prev
-            return await self._step(key, seq, name, version, tokens_of, want_state)
+            return await self._step(key, seq, name, version, tokens_of, want_state, horizon)
         finally:
             if prev is None or prev.done():
                 fut.set_result(None)
@@ -86,7 +88,7 @@ class Sequences:
 
     # -- one step -----------------------------------------------------------------------------------
     async def _step(self, key: Key, seq: Sequence, name: str, version: int, tokens_of,
-                    want_state: bool) -> Step:
+                    want_state: bool, horizon: int = 0) -> Step:
         eng = self.engine
         restarted = False
         sid = self.live.get(key) or await eng.alias(_alias(key))  # here, or in the shared store
@@ -119,7 +121,7 @@ class Sequences:
                                       f"version {version} (leave model_version empty, or start a new sequence)")
             tokens = tokens_of(mv)
         try:
-            out = await eng.feed(sid, tokens, "all")
+            out = await eng.feed(sid, tokens, "all", horizon=horizon)
         except NotFound as e:  # expired or closed between the lookup and the feed
             self._forget(key, sid, e)
             raise NotFound(self.why_gone(key)) from None
@@ -129,13 +131,15 @@ class Sequences:
             await eng.del_alias(_alias(key), sid)
             self.live.pop(key, None)
             self._bury(key, "was ended by a request with sequence_end")
-        return Step(mv, out.logits, state, restarted, sid if seq.start else "", "" if seq.end else sid)
+        return Step(mv, out.logits, state, restarted, sid if seq.start else "", "" if seq.end else sid,
+                    out.forecast)
 
-    async def stateless(self, name: str, version: int, tokens_of, want_state: bool) -> Step:
+    async def stateless(self, name: str, version: int, tokens_of, want_state: bool, horizon: int = 0) -> Step:
         """A request without a sequence id: from the model's initial state, nothing kept."""
         mv = self.engine.model(name, version)
-        logits, state = await self.engine.infer(name, mv.version, tokens_of(mv))
-        return Step(mv, logits, state if want_state else None)
+        logits, state, forecast = await self.engine.infer(name, mv.version, tokens_of(mv), horizon=horizon,
+                                                          with_forecast=True)
+        return Step(mv, logits, state if want_state else None, forecast=forecast)
 
     # -- gone ids ------------------------------------------------------------------------------------
     async def _session_model(self, key: Key, sid: str) -> ModelVersion:

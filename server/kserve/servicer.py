@@ -19,7 +19,16 @@ from .. import auth, inputs
 from ..engine import Engine
 from ..errors import Aborted, NotFound, ServeError
 from ..settings import Settings
-from .codec import Sequence, fill_response, read_sequence, read_tokens, requested_outputs
+from .codec import (
+    Sequence,
+    fill_response,
+    fill_vector_response,
+    model_outputs,
+    read_horizon,
+    read_input,
+    read_sequence,
+    requested_outputs,
+)
 from .config import fill_config, fill_metadata, parse_version
 from .descriptors import SERVICE, messages
 from .sequences import Sequences
@@ -100,25 +109,32 @@ class KServeServicer:
         version = parse_version(req.model_version)
         want_state = "state" in outputs
         engine = self.engine
+        horizon = read_horizon(req)
+        explicit = bool(req.outputs)
 
         def tokens_of(mv):  # checked against the model the request lands on, before any START
-            tokens = read_tokens(req)  # a short list, or an int64 array
-            engine.check_feed(mv, len(tokens))
-            ids = inputs.check_tokens(mv, tokens)
+            nonlocal outputs
+            outputs = model_outputs(mv, outputs, explicit, horizon)
+            tokens = read_input(req, mv)  # a short list or an int64 array of ids, or float32 frames (T, F)
+            engine.check_feed(mv, len(tokens), horizon=horizon)
+            ids = inputs.check_input(mv, tokens)
             return tokens if type(tokens) is list else ids  # a checked short list: the engine checks it again fastest
 
         if seq.id is None:
-            step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state)
+            step = await self.sequences.stateless(req.model_name, version, tokens_of, want_state, horizon)
         else:
             key = (req.model_name, seq.id, auth.current.get().name)
-            step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state)
+            step = await self.sequences.run(key, seq, req.model_name, version, tokens_of, want_state, horizon)
         model = step.model
         resp.model_name, resp.model_version, resp.id = model.name, str(model.version), req.id
         if step.restarted:
             resp.parameters[RESTARTED].bool_param = True
         if step.session_id:
             resp.parameters[SESSION_ID].string_param = step.session_id
-        fill_response(resp, outputs, step.logits, step.state)
+        if model.kind == "vector":
+            fill_vector_response(resp, outputs, model, step.logits, step.state, step.forecast)
+        else:
+            fill_response(resp, outputs, step.logits, step.state)
         return step.held
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

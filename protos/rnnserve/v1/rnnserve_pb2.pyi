@@ -66,19 +66,31 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Frames(_message.Message):
+    __slots__ = ("values", "features")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    features: int
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., features: _Optional[int] = ...) -> None: ...
+
 class Feed(_message.Message):
-    __slots__ = ("text", "tokens", "output", "top_k", "logits")
+    __slots__ = ("text", "tokens", "frames", "output", "top_k", "logits", "horizon")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: TokenIds
+    frames: Frames
     output: Output
     top_k: int
     logits: bool
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., output: _Optional[_Union[Output, str]] = ..., top_k: _Optional[int] = ..., logits: _Optional[bool] = ...) -> None: ...
+    horizon: int
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., output: _Optional[_Union[Output, str]] = ..., top_k: _Optional[int] = ..., logits: _Optional[bool] = ..., horizon: _Optional[int] = ...) -> None: ...
 
 class Generate(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chunk_tokens")
@@ -129,24 +141,32 @@ class SessionRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., open: _Optional[_Union[Open, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., feed: _Optional[_Union[Feed, _Mapping]] = ..., generate: _Optional[_Union[Generate, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Distribution(_message.Message):
-    __slots__ = ("top_ids", "top_probs", "logits")
+    __slots__ = ("top_ids", "top_probs", "logits", "probs", "mean", "spread")
     TOP_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_PROBS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_FIELD_NUMBER: _ClassVar[int]
     top_ids: _containers.RepeatedScalarFieldContainer[int]
     top_probs: _containers.RepeatedScalarFieldContainer[float]
     logits: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, top_ids: _Optional[_Iterable[int]] = ..., top_probs: _Optional[_Iterable[float]] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
+    probs: _containers.RepeatedScalarFieldContainer[float]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    spread: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, top_ids: _Optional[_Iterable[int]] = ..., top_probs: _Optional[_Iterable[float]] = ..., logits: _Optional[_Iterable[float]] = ..., probs: _Optional[_Iterable[float]] = ..., mean: _Optional[_Iterable[float]] = ..., spread: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FeedResult(_message.Message):
-    __slots__ = ("fed", "distributions", "steps")
+    __slots__ = ("fed", "distributions", "steps", "forecast")
     FED_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_FIELD_NUMBER: _ClassVar[int]
     fed: int
     distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
     steps: int
-    def __init__(self, fed: _Optional[int] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., steps: _Optional[int] = ...) -> None: ...
+    forecast: _containers.RepeatedCompositeFieldContainer[Distribution]
+    def __init__(self, fed: _Optional[int] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., steps: _Optional[int] = ..., forecast: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "tokens", "done", "finish_reason", "steps")
@@ -163,7 +183,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "cell", "vocab", "hidden_size", "state_size", "layers", "metrics", "latest")
+    __slots__ = ("name", "version", "cell", "vocab", "hidden_size", "state_size", "layers", "metrics", "latest", "input_kind", "features", "task", "classes", "output_size")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +200,11 @@ class ModelInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     cell: str
@@ -189,7 +214,12 @@ class ModelInfo(_message.Message):
     layers: int
     metrics: _containers.ScalarMap[str, float]
     latest: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., cell: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., hidden_size: _Optional[int] = ..., state_size: _Optional[int] = ..., layers: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., latest: _Optional[bool] = ...) -> None: ...
+    input_kind: str
+    features: int
+    task: str
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    output_size: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., cell: _Optional[str] = ..., vocab: _Optional[_Iterable[str]] = ..., hidden_size: _Optional[int] = ..., state_size: _Optional[int] = ..., layers: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., latest: _Optional[bool] = ..., input_kind: _Optional[str] = ..., features: _Optional[int] = ..., task: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., output_size: _Optional[int] = ...) -> None: ...
 
 class Opened(_message.Message):
     __slots__ = ("session_id", "model", "steps", "resumed", "idle_timeout_s")
