@@ -244,3 +244,25 @@ def test_kserve_wrong_kind_and_bad_frames_are_invalid_argument(served: Served) -
     with pytest.raises(InferenceServerException) as e:
         c.infer("cls", [frames_input(np.zeros((1, 3), np.float32))], sequence_id=77)
     assert status_of(e.value) == "StatusCode.NOT_FOUND"
+
+
+def test_a_device_continues_across_a_restart_on_the_sqlite_store(repo: Path, tmp_path: Path) -> None:
+    """A vector session's state and last outputs survive the process like a token session's: a KServe sequence
+    started on one server continues on the next, as the device alone would."""
+    x = frames(np.random.default_rng(11), 6)
+    dev = Device(repo, "fc")
+    first = Served(repo, session_store="sqlite", state_dir=tmp_path / "state")
+    try:
+        r = first.client.infer("fc", [frames_input(x[:4])], sequence_id="sensor-1", sequence_start=True)
+        assert np.allclose(r.as_numpy("mean")[0], dev.feed(x[:4])[:, :F], atol=1e-5)
+    finally:
+        first.close()
+    second = Served(repo, session_store="sqlite", state_dir=tmp_path / "state")
+    try:
+        r = second.client.infer("fc", [frames_input(x[4:])], sequence_id="sensor-1", sequence_end=True,
+                                parameters={"horizon": 2})
+        want = dev.feed(x[4:])
+        assert np.allclose(r.as_numpy("mean")[0], want[:, :F], atol=1e-5)
+        assert np.allclose(r.as_numpy("forecast_mean")[0], dev.rollout(want[-1], 2)[:, :F], atol=1e-5)
+    finally:
+        second.close()
