@@ -358,3 +358,22 @@ class Engine:
             s.steps = int(steps)
         self._stepped([s])
         return StateView(s.id, s.model, s.state, s.steps, s.logits)
+
+    # -- model control (the KServe repository extension; server/models.py) ------------------------------
+    def repository_name(self) -> str:
+        """The model repository's name as the repository RPCs use it: its folder's name."""
+        return self.settings.models.resolve().name
+
+    def repository_index(self, ready_only: bool = False) -> list:
+        """Every model folder and loaded version with its state and why (models.IndexEntry rows)."""
+        return self.models.index(ready_only)
+
+    async def load_model(self, name: str) -> ModelVersion:
+        """Load (or reload) a model from the repository; returns its default version once it is served."""
+        self._accepting()
+        return await self.models.load(name)
+
+    async def unload_model(self, name: str) -> int:
+        """Unload every version of a model (explicit model control); returns how many."""
+        self._accepting()
+        return await self.models.unload(name)

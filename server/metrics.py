@@ -5,9 +5,13 @@ Models are labelled `model` and `version` (Triton's labels). Recording stays off
 are observed once per call (interceptors.py), the batcher once per iteration, a generation once at its first
 chunk and once at its end, sessions at open, close and expiry. Gauges that are cheaper to read than to keep
 (pending requests) are computed when /metrics is scraped.
+
+Beside the registry, VersionStats keeps Triton's per-version inference statistics (the KServe
+ModelStatistics RPC, server/kserve/statistics.py) in plain integers, fed by the same hooks.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -59,6 +63,46 @@ class CallMetrics:
                                        m.request_seconds.labels(self.protocol, self.method, code))
         c[0].inc()
         c[1].observe(seconds)
+
+
+class VersionStats:
+    """Triton's per-version inference statistics, kept in process (plain integers, nanoseconds): the KServe
+    servicer counts requests, the batcher's hooks count executions, queue and compute time."""
+
+    __slots__ = ("batches", "compute_ns", "executions", "fail", "fail_ns", "last_inference_ms", "queue_ns",
+                 "queued", "success", "success_ns")
+
+    def __init__(self) -> None:
+        self.success = self.success_ns = self.fail = self.fail_ns = 0  # KServe requests, and their durations
+        self.executions = self.compute_ns = 0  # batched onnxruntime calls, and their durations
+        self.queue_ns = 0  # summed over executions: how long the oldest work of each waited to start
+        self.queued = 0  # queue time observed but not yet given to an execution
+        self.batches: dict[int, list[int]] = {}  # rows of a step call -> [calls, ns]
+        self.last_inference_ms = 0  # wall clock of the last request, milliseconds since the epoch
+
+    def request(self, ok: bool, ns: int) -> None:
+        """One KServe request answered (ok) or refused, after ns nanoseconds."""
+        if ok:
+            self.success += 1
+            self.success_ns += ns
+        else:
+            self.fail += 1
+            self.fail_ns += ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+class _QueueTime:
+    """What the batcher observes queue time on: the version's histogram and its statistics, together."""
+
+    __slots__ = ("hist", "stats")
+
+    def __init__(self, hist: Histogram, stats: VersionStats) -> None:
+        self.hist, self.stats = hist, stats
+
+    def observe(self, seconds: float) -> None:
+        """Seconds the oldest work of the iteration starting now waited."""
+        self.hist.observe(seconds)
+        self.stats.queued += int(seconds * 1e9)
 
 
 class _Pending(Collector):
@@ -139,6 +183,7 @@ class Metrics:
         self.broken = Gauge("rnnserve_broken_versions", "Version folders that failed to load (see the log)",
                             registry=r)
         self._batch_children: dict[ModelVersion, tuple] = {}
+        self.version_stats: dict[ModelVersion, VersionStats] = {}  # Triton's statistics, per loaded version
         self._session_children: dict[tuple[ModelVersion, str], tuple] = {}
         self._calls: dict[str, CallMetrics] = {}
         self._routes: dict[str, tuple[str, str]] = {}  # gRPC path -> (protocol, method)
@@ -212,9 +257,21 @@ class Metrics:
                 self.nonfinite_rows))  # all exported (at 0) from the version's load on
         return c
 
-    def queue_of(self, mv: ModelVersion) -> Histogram:
-        """The queue-time histogram of a version (the batcher observes it once per iteration)."""
-        return self._batcher(mv)[4]
+    def queue_of(self, mv: ModelVersion) -> _QueueTime:
+        """The queue time of a version (the batcher observes it once per iteration): its histogram and its
+        statistics' queue time."""
+        return _QueueTime(self._batcher(mv)[4], self.stats_of(mv))
+
+    def stats_of(self, mv: ModelVersion) -> VersionStats:
+        """The inference statistics of a version (created at its first use)."""
+        st = self.version_stats.get(mv)
+        if st is None:
+            st = self.version_stats[mv] = VersionStats()
+        return st
+
+    def forget(self, mv: ModelVersion) -> None:
+        """A version unloaded: its statistics go (a version loaded again starts from zero)."""
+        self.version_stats.pop(mv, None)
 
     def generation_of(self, mv: ModelVersion) -> tuple[Histogram, Histogram]:
         """The time-to-first-token and time-per-output-token histograms of a version."""
@@ -234,6 +291,20 @@ class Metrics:
         c[2].inc(steps)
         if generated:
             c[3].inc(generated)
+        st = self.version_stats.get(mv)  # made with the batcher (queue_of); gone once the version unloaded
+        if st is None:
+            return
+        ns = int(seconds * 1e9)
+        st.executions += 1
+        st.compute_ns += ns
+        st.queue_ns += st.queued  # the iteration's queue time goes to its first call
+        st.queued = 0
+        if rows:
+            b = st.batches.get(rows)
+            if b is None:
+                b = st.batches[rows] = [0, 0]
+            b[0] += 1
+            b[1] += ns
 
     def nonfinite(self, mv: ModelVersion, rows: int) -> None:
         """Count rows whose step gave non-finite values."""

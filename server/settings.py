@@ -34,6 +34,9 @@ class Settings:
     grace: float = 10.0
     poll_interval: float = 2.0  # 0 = do not watch the repository
     serve_versions: int = 1  # 0 = all
+    model_control: str = "poll"  # poll (load everything, rescan) | explicit (--load-model, then the repository RPCs)
+    load_models: str = ""  # explicit mode: models loaded at start, comma-separated ("*" = all)
+    control_principals: str = ""  # with authentication: who may load/unload models ("*" = any; "" = nobody)
     chunk_tokens: int = 32  # fewer, larger messages: gRPC's per-message cost bounds tokens/s
     ort_threads: int = 1  # onnxruntime intra-op threads per session; 0 = its default (one per core)
     ort_gen_threads: int = 0  # the same for step batches with generating rows (0 = one per core)
@@ -74,6 +77,14 @@ class Settings:
         """The method paths (prefixes) callable without credentials."""
         return tuple(m for n in self.open_services_names() for m in OPEN_SERVICES.get(n, ()))
 
+    def control_principal_names(self) -> list[str]:
+        """--control-principals as a list of principal names (["*"] = any authenticated caller)."""
+        return [n.strip() for n in self.control_principals.split(",") if n.strip()]
+
+    def load_model_names(self) -> list[str]:
+        """--load-model / RNNSERVE_LOAD_MODELS as a list of names (["*"] = every model)."""
+        return [n.strip() for n in self.load_models.split(",") if n.strip()]
+
     @property
     def max_send_bytes(self) -> int:
         """The largest answer the server sends (gRPC's send limit): answers that would be larger are refused."""
@@ -97,6 +108,12 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--grace", "grace", float, "seconds to finish in-flight work on shutdown"),
     ("--poll-interval", "poll_interval", float, "seconds between repository scans (0 = off)"),
     ("--serve-versions", "serve_versions", str, "'all' or N = latest N versions per model"),
+    ("--model-control", "model_control", str,
+     ("poll: load every model, rescan every --poll-interval; explicit: load the --load-model names, then only "
+      "on RepositoryModelLoad/Unload")),
+    ("--control-principals", "control_principals", str,
+     ("with authentication on: principals allowed to call RepositoryModelLoad/Unload, comma-separated ('*' = "
+      "any authenticated caller; empty = nobody)")),
     ("--chunk-tokens", "chunk_tokens", int, "default tokens per streamed generation chunk"),
     ("--ort-threads", "ort_threads", int, "onnxruntime intra-op threads per model (0 = one per core)"),
     ("--ort-gen-threads", "ort_gen_threads", int, "the same for batches with generating rows"),
@@ -180,6 +197,26 @@ def parse_policy(text: str) -> float | str:
 
 
 
+def _control_problems(s: Settings) -> list[str]:
+    """--model-control and --load-model: Triton's rules (a '*' alone; names only in explicit mode)."""
+    names = s.load_model_names()
+    if s.model_control not in ("poll", "explicit"):
+        return [f"--model-control must be poll or explicit, got {s.model_control!r}"]
+    problems = []
+    if names and s.model_control != "explicit":
+        problems.append("--load-model (RNNSERVE_LOAD_MODELS) needs --model-control explicit: in poll mode every "
+                        "model is loaded")
+    if "*" in names and len(names) > 1:
+        problems.append("--load-model '*' loads every model: give it alone, not with other names")
+    bad = [n for n in names if n != "*" and (n.startswith(".") or any(c in n for c in "/\\\0"))]
+    if bad:
+        problems.append(f"--load-model takes model folder names, not {', '.join(map(repr, bad))}")
+    if s.model_control == "explicit" and s.workers > 1:
+        problems.append("--model-control explicit needs one process: with --workers each worker would load and "
+                        "unload on its own")
+    return problems
+
+
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     """Flags override env vars (RNNSERVE_<NAME>), which override the defaults."""
     defaults = Settings()
@@ -190,8 +227,15 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         if dest == "serve_versions":
             default = "all" if default == 0 else str(default)
         ap.add_argument(flag, dest=dest, type=typ, default=None, help=f"{help_} (env {env}; default {default})")
+    ap.add_argument("--load-model", dest="load_models", action="append", default=None, metavar="NAME",
+                    help=f"with --model-control explicit: a model to load at start, repeatable; '*' = all "
+                         f"(env {_env_name('load_models')}, comma-separated; default none)")
     ns = ap.parse_args(list(argv) if argv is not None else None)
     values: dict[str, object] = {}
+    if ns.load_models is not None:
+        values["load_models"] = ",".join(ns.load_models)
+    elif environ.get(_env_name("load_models")):
+        values["load_models"] = environ[_env_name("load_models")]
     for _flag, dest, typ, _help in _FLAGS:
         raw = getattr(ns, dest)
         if raw is None and _env_name(dest) in environ and environ[_env_name(dest)] != "":
@@ -220,6 +264,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         parse_policy(s.state_sync)
     except ValueError as e:
         problems.append(str(e))
+    problems += _control_problems(s)
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
     for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens",

@@ -207,8 +207,15 @@ def test_live_ready_metadata_config(served: Served) -> None:
     with pytest.raises(InferenceServerException) as e:
         c.get_model_config("tiny", "x1")
     assert "INVALID_ARGUMENT" in status_of(e.value) and "model_version" in e.value.message()
+    extensions = set(c.get_server_metadata().extensions)
+    assert {"statistics", "model_repository"} <= extensions, extensions
+    stats = c.get_inference_statistics("tiny").model_stats  # the statistics extension (tests/test_statistics.py)
+    assert [(s.name, s.version) for s in stats] == [("tiny", "1")]
     with pytest.raises(InferenceServerException) as e:
-        c.get_inference_statistics("tiny")
+        c.get_inference_statistics("nope")
+    assert "NOT_FOUND" in status_of(e.value) and "'nope' is not loaded" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:  # an RPC the server does not declare
+        c.get_system_shared_memory_status()
     assert "UNIMPLEMENTED" in status_of(e.value)
 
 

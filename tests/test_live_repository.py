@@ -34,6 +34,7 @@ from rnnserve.server.contract import verify_version_dir, version_numbers
 from rnnserve.server.sampling import sample
 from rnnserve.server.settings import parse
 from rnnserve.trainer.export import export_model
+from rnnserve.trainer.listing import scan
 from rnnserve.trainer.publish import TMP_PREFIX
 
 BIN = Path(sys.executable).parent
@@ -406,12 +407,16 @@ def test_a_server_after_kill_9_of_a_batch_export_loads_only_complete_versions(tm
         async with serving(repo, "--serve-versions", "all") as (_app, ch, stub):
             got = await listed(stub)
             assert sorted(v for _, v in got) == done and set(got) == {("nightly", v) for v in done}
-            assert got[("nightly", done[-1])] and await health(ch) == SERVING
+            # the default: the last version the promotion rule judged before the kill (rnn-export list agrees);
+            # one published but killed before its judgement is served, pinned, but is not the default
+            default = next(r["version"] for r in scan(repo) if r["default"])
+            assert got[("nightly", default)] and await health(ch) == SERVING
             for v in done:
                 assert verify_version_dir(nightly / str(v))["version"] == v
             s = await opened(stub, "nightly")
+            assert s.model.version == default
             r = await stub.Step(pb.StepRequest(session_id=s.session_id, feed=feed_req([3, 1, 4])))
-            np.testing.assert_allclose(logits_of(r.result), Reference(nightly / str(done[-1])).feed([3, 1, 4]),
+            np.testing.assert_allclose(logits_of(r.result), Reference(nightly / str(default)).feed([3, 1, 4]),
                                        atol=1e-5)
             await asyncio.sleep(2 * POLL)  # the watcher passes the leftover too: it must stay silent
 
@@ -471,8 +476,6 @@ def test_rnn_export_list_and_the_server_agree_on_usable_versions_and_the_default
                                                                                     three: Path) -> None:
     """Versions the contract refuses (a forged checksum, a model.json the old server took with 7 keys)
     are broken for `rnn-export list` and skipped by the server; both name the same default."""
-    from rnnserve.trainer.listing import scan
-
     repo = tmp_path / "repo"
     copy_version(three / "live" / "1", repo / "live" / "1", 1)
     forged = copy_version(three / "live" / "2", repo / "live" / "2", 2)
@@ -494,5 +497,14 @@ def test_rnn_export_list_and_the_server_agree_on_usable_versions_and_the_default
         async with serving(repo, "--serve-versions", "all") as (app, _ch, stub):
             assert await listed(stub) == {("live", 1): True}  # 2 and 3 refused: 1 is the default
             assert sorted(p.name for p in app.engine.repo.failed) == ["2", "3"]
+            # a default.json naming a refused version: both fall back to the highest usable one, and say why
+            (repo / "live" / "default.json").write_text('{"version": 2, "reason": "promoted before it broke"}')
+            await asyncio.sleep(2 * POLL)
+            assert await listed(stub) == {("live", 1): True}
+            version, why = app.engine.repo.default_of("live")
+            assert version == 1 and why.startswith("highest version (default.json names version 2, which is not "
+                                                   "serveable (") and "sha256" in why, why
+            assert [(r["version"], r["default_reason"]) for r in scan(repo) if r["default"]] == \
+                [(1, "highest version (default.json names version 2, which is not usable)")]
 
     asyncio.run(main())

@@ -5,7 +5,9 @@ batch: every checkpoint gets every check of the single export; one whose weights
 short-cuts that without unpickling) are already published under its name is skipped, so a rerun is
 cheap and idempotent. Failures are reported and the others still run; exit 1 if any
 failed. Versions are published by atomic rename (see trainer.publish), so a kill leaves only `.tmp-*`
-folders that no reader accepts and the next export cleans up.
+folders that no reader accepts and the next export cleans up. Each published version is judged by the
+promotion rule (--promote, trainer.promote) as soon as it is out, in the order the exports finish; --load
+then asks a running server to load every model that got a new version.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from ..server.contract import (
 )
 from .export import default_name
 from .listing import human_size
+from .promote import add_promotion_flags, apply_rule, load_after_publish, load_credentials, pin
+from .publish import check_name
 
 STATUSES = ("ok", "skipped", "failed")
 PARITY_KEYS = ("step", "sequence_vs_step", "sequence_vs_torch")  # model.json "checks": max abs differences
@@ -48,6 +52,7 @@ class BatchArgs:
     report: str | None = None
     force: bool = False
     progress: bool = True
+    promote: str = "if-better"
 
 
 def expand(patterns: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -68,7 +73,8 @@ def expand(patterns: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
 def _result(ckpt: str, name: str | None, **kw: Any) -> dict[str, Any]:
     """One report row."""
     row = {"checkpoint": ckpt, "name": name, "version": None, "status": "failed", "val_loss": None,
-           "parity": None, "sizes": {}, "seconds": 0.0, "error": None, "path": None}
+           "parity": None, "sizes": {}, "seconds": 0.0, "error": None, "path": None, "promoted": None,
+           "default": None, "promotion": None}
     row.update(kw)
     return row
 
@@ -183,6 +189,8 @@ def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
         eval_text = load_text(args.eval_corpus)
         eval_sha = sha256_file(args.eval_corpus)
     Path(args.repo).mkdir(parents=True, exist_ok=True)
+    if args.promote != "always":
+        _pin_all(args, paths)
     tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked from here
     results: dict[int, dict[str, Any]] = {}
     jobs = max(1, min(args.jobs, len(paths)))
@@ -190,16 +198,36 @@ def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
         if jobs == 1:
             _worker_init()
             for i, p in enumerate(paths):
-                results[i] = export_one(p, args.repo, args.name, eval_text, eval_sha, args.force)
+                results[i] = _judged(export_one(p, args.repo, args.name, eval_text, eval_sha, args.force), args)
                 bar.update(1)
         else:
             with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init) as pool:
                 futures = {pool.submit(export_one, p, args.repo, args.name, eval_text, eval_sha, args.force): i
                            for i, p in enumerate(paths)}
                 for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
+                    results[futures[fut]] = _judged(fut.result(), args)
                     bar.update(1)
     return rows + [results[i] for i in range(len(paths))]
+
+
+def _pin_all(args: BatchArgs, paths: list[str]) -> None:
+    """Before publishing: pin the current default of every model the batch publishes into (trainer.promote)."""
+    for name in sorted({args.name or default_name(p) for p in paths}):
+        try:
+            pin(args.repo, check_name(name))
+        except (ValueError, OSError):
+            continue  # a bad name fails its export, with the reason, in the report
+
+
+def _judged(row: dict[str, Any], args: BatchArgs) -> dict[str, Any]:
+    """A published row after the promotion rule (skipped and failed rows are left as they are)."""
+    if row["status"] != "ok":
+        return row
+    try:
+        row.update(apply_rule(args.repo, row["name"], row["version"], args.promote).to_json())
+    except (ValueError, OSError) as e:
+        row["error"] = f"version {row['version']} was published, but the promotion rule failed: {e}"
+    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -213,6 +241,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{human_size(size) if size else '-':>8} {r['seconds']:6.2f}  {r['checkpoint']}")
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    for r in rows:
+        if r.get("promotion"):
+            lines.append(f"{r['name']} version {r['version']}: {'promoted' if r['promoted'] else 'not promoted'}: "
+                         f"{r['promotion']}")
     return "\n".join(lines)
 
 
@@ -238,6 +270,7 @@ def batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--force", action="store_true", help="export even when an identical version is published")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_promotion_flags(p)
     return p
 
 
@@ -256,7 +289,9 @@ def main_batch(argv: list[str]) -> int:
         parser.error("no checkpoints given (paths, globs or --from-file)")
     if a.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {a.jobs}")
-    args = BatchArgs(tuple(items), a.repo, a.name, a.jobs, a.eval_corpus, a.report, a.force, not a.no_progress)
+    credentials = load_credentials(parser, a)
+    args = BatchArgs(tuple(items), a.repo, a.name, a.jobs, a.eval_corpus, a.report, a.force, not a.no_progress,
+                     a.promote)
     t0 = time.perf_counter()
     try:
         rows = run_batch(args)
@@ -274,4 +309,23 @@ def main_batch(argv: list[str]) -> int:
             print(f"rnn-export batch: FAILED {r['checkpoint']}: {r['error']}", file=sys.stderr)
     if args.report:
         write_report(args.report, rows, args, seconds)
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    bad = any(r["status"] == "failed" or r["error"] for r in rows)
+    for r in rows:
+        if r["status"] == "ok" and r["error"]:
+            print(f"rnn-export batch: error: {r['error']}", file=sys.stderr)
+    if a.load and not _load_all(a, credentials, rows):
+        return 1
+    return 1 if bad else 0
+
+
+def _load_all(a: argparse.Namespace, credentials: dict, rows: list[dict[str, Any]]) -> bool:
+    """--load: ask the server to load every model that got a new version; whether all of them loaded."""
+    newest: dict[str, int] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            newest[r["name"]] = max(newest.get(r["name"], 0), r["version"])
+    ok = True
+    for name, version in sorted(newest.items()):
+        what = f"version {version} of {name} was published"
+        ok = load_after_publish(a, credentials, name, version, what, "rnn-export batch") == 0 and ok
+    return ok

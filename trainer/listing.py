@@ -1,8 +1,9 @@
 """rnn-export list: the index of a model repository, judged by the same contract checks the server makes.
 
 A version is usable when its model.json passes the schema and its files their checksums (and, with
---verify, load and step in onnxruntime); the default of a model is its newest usable version, which
-is the one `rnn-serve` serves to new sessions (rnnserve.server.contract).
+--verify, load and step in onnxruntime). The default of a model, the version `rnn-serve` gives new
+sessions, is the one its default.json names when that version is usable, else its newest usable version
+(rnnserve.server.contract); the list says which, and why.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..server.contract import (
+    DEFAULT_FILE,
     ModelFormatError,
     check_version,
     model_names,
+    read_default,
     verify_version_dir,
     version_numbers,
 )
@@ -26,8 +29,24 @@ def human_size(n: int) -> str:
     return f"{n / 1024:.1f}K" if n < 1 << 20 else f"{n / (1 << 20):.1f}M"
 
 
+def default_of(name_dir: Path, usable: list[int]) -> tuple[int | None, str]:
+    """(the default among the usable versions, why): default.json's version when usable, else the newest."""
+    try:
+        pointer, problem = read_default(name_dir), ""
+    except ModelFormatError as e:
+        pointer, problem = None, f"{DEFAULT_FILE} is broken: {e}"
+    if pointer is not None and pointer.version in usable:
+        return pointer.version, pointer.reason or f"named by {DEFAULT_FILE}"
+    if pointer is not None:
+        problem = f"{DEFAULT_FILE} names version {pointer.version}, which is not usable"
+    if not usable:
+        return None, problem
+    return usable[-1], f"highest version ({problem or f'no {DEFAULT_FILE}'})"
+
+
 def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
-    """Every version in a repository with its status; `default` marks the newest usable version per model."""
+    """Every version in a repository with its status; `default` marks the version new sessions get (and
+    `default_reason` on that row says why)."""
     repo = Path(repo)
     out: list[dict[str, Any]] = []
     for name_dir in (repo / n for n in model_names(repo)):
@@ -35,7 +54,8 @@ def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
         for v in version_numbers(name_dir):
             d = name_dir / str(v)
             row: dict[str, Any] = {"model": name_dir.name, "version": v, "cell": None, "hidden_size": None,
-                                   "layers": None, "val_loss": None, "size": 0, "default": False, "status": "ok"}
+                                   "layers": None, "val_loss": None, "size": 0, "default": False,
+                                   "default_reason": None, "status": "ok"}
             try:
                 meta = verify_version_dir(d) if verify else check_version(d)
                 row.update(cell=meta.cell, hidden_size=meta.hidden_size, layers=meta.layers,
@@ -44,9 +64,10 @@ def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
             except (OSError, ModelFormatError) as e:
                 row["status"] = f"broken: {e}"
             rows.append(row)
-        usable = [r for r in rows if r["status"] == "ok"]
-        if usable:
-            usable[-1]["default"] = True
+        default, why = default_of(name_dir, [r["version"] for r in rows if r["status"] == "ok"])
+        for r in rows:
+            if r["version"] == default:
+                r["default"], r["default_reason"] = True, why
         out += rows
     return out
 
@@ -73,4 +94,7 @@ def main_list(argv: list[str]) -> int:
               f"{'*' if r['default'] else '':7}  {r['status']}")
     if not rows:
         print(f"(no versions in {a.repo})")
+    for r in rows:
+        if r["default"]:
+            print(f"default of {r['model']}: version {r['version']}: {r['default_reason']}")
     return 0

@@ -2,7 +2,9 @@
 
 servicer: the RPC handlers on the engine; codec: tensors and request parameters; config: model
 metadata and Triton's model configuration; sequences: sequence ids onto engine sessions;
-descriptors: the protocol's messages from a private descriptor pool (grpc_service.desc, package data).
+descriptors: the protocol's messages from a private descriptor pool (grpc_service.desc, package data);
+statistics: Triton's statistics extension (ModelStatistics); control: the model-repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload).
 The App registers it beside the native servicer.
 """
 from .descriptors import SERVICE, messages

@@ -1,14 +1,16 @@
 """How rnnserve's models look through the Open Inference Protocol: metadata and Triton model config.
 
-Every model takes `tokens` (INT64, [1, -1]) and answers `logits` (FP32, [1, -1, vocab]) and,
-when asked, `state` (FP32, [1, state_size]); its configuration sets `sequence_batching`, so a
-Triton client sees the model is stateful and drives it with sequence ids.
+A token model takes `tokens` (INT64, [1, -1]) and answers `logits` (FP32, [1, -1, vocab]) and,
+when asked, `state` (FP32, [1, state_size]); a vector model takes `inputs` (FP32, [1, -1, F]) and
+answers its named outputs (see `tensors`). The configuration sets `sequence_batching`, so a Triton
+client (perf_analyzer included) sees the model is stateful and drives it with sequence ids.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from .. import vectors
 from ..errors import InvalidArgument, shown
 from ..repository import ModelVersion
 from ..settings import Settings
@@ -28,10 +30,20 @@ def parse_version(text: str) -> int:
 
 
 def tensors(mv: ModelVersion) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
-    """(inputs, outputs) of a model version as (name, datatype, shape) with -1 for variable sizes."""
-    inputs = [("tokens", "INT64", [1, -1])]
-    outputs = [("logits", "FP32", [1, -1, mv.vocab_size]), ("state", "FP32", [1, mv.state_size])]
-    return inputs, outputs
+    """(inputs, outputs) of a model version as (name, datatype, shape) with -1 for variable sizes.
+
+    A vector model takes `inputs` frames (FP32 [1, T, F]) and answers its raw `outputs`, `state` and its named
+    answers (`probabilities`, or `mean` and `spread`; with a `horizon` parameter also `forecast_*`, [1, H, F])."""
+    state = ("state", "FP32", [1, mv.state_size])
+    if mv.kind != "vector":
+        return [("tokens", "INT64", [1, -1])], [("logits", "FP32", [1, -1, mv.vocab_size]), state]
+    F = mv.features
+    named = vectors.named_outputs(mv)
+    width = {"probabilities": mv.output_size, "mean": F, "spread": F}
+    outputs = [("outputs", "FP32", [1, -1, mv.output_size]), state, *[(n, "FP32", [1, -1, width[n]]) for n in named]]
+    if mv.meta.task == "forecast":
+        outputs += [("forecast_" + n, "FP32", [1, -1, F]) for n in named]
+    return [("inputs", "FP32", [1, -1, F])], outputs
 
 
 def fill_metadata(resp: Any, mv: ModelVersion, versions: list[int]) -> None:

@@ -2,13 +2,15 @@
 
 Served on the same port as the native protocol, with Triton's sequence extension: request
 parameters `sequence_id` (int64 or string), `sequence_start`, `sequence_end`. A sequence is an
-engine session like any other. Messages come from a private descriptor pool (descriptors.py),
+engine session like any other. Triton's statistics (statistics.py) and model repository (control.py)
+extensions are served too. Messages come from a private descriptor pool (descriptors.py),
 so this module never clashes with tritonclient's stubs in one process.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,14 +32,16 @@ from .codec import (
     requested_outputs,
 )
 from .config import fill_config, fill_metadata, parse_version
+from .control import Control
 from .descriptors import SERVICE, messages
 from .sequences import Sequences
+from .statistics import Statistics
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "rnnserve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("sequence", "model_configuration")
+EXTENSIONS = ("sequence", "model_configuration", "statistics", "model_repository")
 # Response parameter set on the answer to a sequence_start that replaced a live sequence.
 RESTARTED = "sequence_restarted"
 # Response parameter on the answer to a sequence_start: the engine session behind the sequence
@@ -54,6 +58,8 @@ class KServeServicer:
         self.metrics = metrics
         self.pb = messages()
         self.sequences = Sequences(engine)
+        self.stats = Statistics(engine, metrics)
+        self.control = Control(engine)
 
     def _count(self, code: grpc.StatusCode) -> None:
         """Count an error answered inside a stream (the ErrorInterceptor counts the calls' own statuses)."""
@@ -80,7 +86,7 @@ class KServeServicer:
         return self.pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Name, version and extensions (`sequence` among them)."""
+        """Name, version and extensions (`sequence`, `statistics`, `model_repository` among them)."""
         return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     def _requested_model(self, request: Any) -> Any:
@@ -143,18 +149,27 @@ class KServeServicer:
         A sequence's step runs in a task of its own, shielded: a client that goes away does not cut it (an
         END still closes). A stateless request keeps nothing, so it runs in the call's own task."""
         resp = self.pb.ModelInferResponse()
-        seq = read_sequence(request)
-        if seq.id is None:
-            await self._infer(request, resp, seq)
-        else:
-            await asyncio.shield(asyncio.get_running_loop().create_task(self._infer(request, resp, seq)))
+        t0 = time.perf_counter_ns()
+        try:
+            seq = read_sequence(request)
+            if seq.id is None:
+                await self._infer(request, resp, seq)
+            else:
+                await asyncio.shield(asyncio.get_running_loop().create_task(self._infer(request, resp, seq)))
+        except Exception:  # counted as a failed request of the model it named; the status goes out as it is
+            self.stats.record(request.model_name, request.model_version, False, time.perf_counter_ns() - t0)
+            raise
+        self.stats.record(resp.model_name, resp.model_version, True, time.perf_counter_ns() - t0)
         return resp
 
     async def _stream_one(self, req: Any) -> tuple[Any, str]:
         """One stream request -> (ModelStreamInferResponse, session it ran on); an error goes into error_message."""
         resp = self.pb.ModelStreamInferResponse()
+        t0 = time.perf_counter_ns()
         try:
             held = await self._infer(req, resp.infer_response, read_sequence(req))  # filled in place: no copy
+            r = resp.infer_response
+            self.stats.record(r.model_name, r.model_version, True, time.perf_counter_ns() - t0)
             return resp, held
         except ServeError as e:
             self._count(e.code)
@@ -165,6 +180,7 @@ class KServeServicer:
             log.exception("KServe stream request %r failed", req.id)
             self._count(grpc.StatusCode.INTERNAL)
             text = "INTERNAL: the server failed on this request (see its log)"
+        self.stats.record(req.model_name, req.model_version, False, time.perf_counter_ns() - t0)
         if req.id:
             text += f" [request id {req.id!r}]"
         resp = self.pb.ModelStreamInferResponse(error_message=text)  # a fresh one: no partial outputs
@@ -238,12 +254,36 @@ class KServeServicer:
                 self.engine.unwatch(sid, h)
         await drain()
 
+    # -- statistics and model control (statistics.py, control.py) -------------------------------------
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's inference statistics of every loaded version, of one model's, or of one version."""
+        resp = self.pb.ModelStatisticsResponse()
+        self.stats.fill(resp, request.name, request.version)
+        return resp
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Every model folder with each version's state (READY, UNLOADING, UNAVAILABLE) and why."""
+        resp = self.pb.RepositoryIndexResponse()
+        self.control.index(request, resp)
+        return resp
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Load (or reload) a model from the repository; answers once it is served."""
+        await self.control.load(request)
+        return self.pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Unload a model (--model-control explicit); its live sequences run to their end."""
+        await self.control.unload(request)
+        return self.pb.RepositoryModelUnloadResponse()
+
 
 def handler(servicer: KServeServicer) -> grpc.GenericRpcHandler:
     """A generic handler serving the declared RPCs; the undeclared or unserved ones answer UNIMPLEMENTED."""
     pb = servicer.pb
     served = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
-              "ModelInfer", "ModelStreamInfer")
+              "ModelInfer", "ModelStreamInfer", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+              "RepositoryModelUnload")
     methods = {}
     for name in served:
         req_cls, resp_cls, client_stream, _ = pb.method_types(name)
