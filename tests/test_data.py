@@ -48,7 +48,7 @@ def test_streams_continue_across_chunks() -> None:
 
 
 def test_streams_too_short() -> None:
-    with pytest.raises(CorpusError, match="cannot fill 8 streams"):
+    with pytest.raises(CorpusError, match="50 training tokens cannot fill --batch 8 streams of one --seq-len 10-token"):
         StreamBatches(np.arange(50), batch=8, seq_len=10)
 
 
@@ -63,6 +63,11 @@ def test_load_text_errors(tmp_path: Path) -> None:
     short.write_text("a")
     with pytest.raises(CorpusError, match="1 characters"):
         load_text(short)
+    with pytest.raises(CorpusError, match=f"corpus {tmp_path} is a directory, not a text file"):
+        load_text(tmp_path)
+    if Path("/proc/self/mem").exists():  # exists, but reading it from offset 0 fails (EIO)
+        with pytest.raises(CorpusError, match="corpus /proc/self/mem cannot be read: Input/output error"):
+            load_text("/proc/self/mem")
     good = tmp_path / "good.txt"
     good.write_text("Ünïcode ok\n", encoding="utf-8")
     assert load_text(good) == "Ünïcode ok\n"

@@ -263,10 +263,10 @@ def test_verify_is_torch_free() -> None:
 
 def test_cli_errors(tmp_path: Path, tiny_text: str) -> None:
     r = run_cli(str(tmp_path / "nope.pt"), "--repo", str(tmp_path / "repo"), "--name", "x")
-    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     r = run_cli(str(tmp_path / "junk.pt"), "--repo", str(tmp_path / "repo"))
-    assert r.returncode == 1 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "repo").exists() or versions(tmp_path / "repo") == []
     r = run_cli("--repo", str(tmp_path))
     assert r.returncode == 2 and "checkpoint" in r.stderr

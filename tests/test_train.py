@@ -1,9 +1,13 @@
-"""rnn-train: the loss, clipping, reproducibility, exact resume, outputs and CLI errors (tiny models)."""
+"""rnn-train: the loss, clipping, reproducibility, exact resume, outputs, CLI errors, the bounded validation
+sample and tokens/s without it (tiny models)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from rnnserve.trainer import checkpoint
 from rnnserve.trainer.data import StreamBatches, split
-from rnnserve.trainer.train import Run, TrainArgs, clip_gradients, main, sequence_loss
+from rnnserve.trainer.train import Run, TrainArgs, clip_gradients, evaluate, main, sequence_loss
 
 TEXT = "".join(f"{w} the quick brown fox {i % 7} jumps over the lazy dog.\n"
                for i, w in enumerate(["To be", "or not", "to be:", "that is", "the question"] * 12))
@@ -116,10 +120,10 @@ def test_resume_continues_bit_identically(corpus: Path, tmp_path: Path) -> None:
 
 
 def test_cli_errors_are_clear(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    def err(*argv: str) -> str:
-        assert main([*argv, "--no-progress"]) != 0
+    def err(*argv: str) -> str:  # a usage error: exit 2 before any training, one line on stderr
+        assert main([*argv, "--no-progress"]) == 2
         e = capsys.readouterr().err
-        assert "Traceback" not in e
+        assert "Traceback" not in e and e.count("\n") == 1 and e.startswith("rnn-train: error: "), e
         return e
 
     assert "does not exist" in err("--data", str(tmp_path / "missing.txt"))
@@ -128,11 +132,28 @@ def test_cli_errors_are_clear(corpus: Path, tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "short.txt").write_text("abcdefghij")
     assert "cannot fill" in err("--data", str(tmp_path / "short.txt"), "--out", str(tmp_path / "s"))
     assert "--data is required" in err("--steps", "3")
+    assert f"corpus {tmp_path} is a directory, not a text file" in err("--data", str(tmp_path))
+    for flag, value, message in (("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5"),
+                                 ("--weight-drop", "-0.1", "--weight-drop must be in [0, 1), got -0.1"),
+                                 ("--threads", "-1", "--threads must be >= 0, got -1"),
+                                 ("--log-every", "-5", "--log-every must be >= 0, got -5"),
+                                 ("--lr", "nan", "--lr a number > 0, got 0, nan"),
+                                 ("--stop-at", "0", "--stop-at must be a step >= 1, got 0"),
+                                 ("--val-streams", "0", "--val-streams must be >= 1"),
+                                 ("--device", "cuda:x", "--device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+                                 ("--eval-chars", "3", "--eval-chars 3 is fewer than --val-streams 4")):
+        extra = ("--val-streams", "4") if flag == "--eval-chars" else ()
+        assert message in err("--data", str(corpus), "--out", str(tmp_path / "u"), flag, value, *extra), flag
+    for value in ("-1", "lots"):
+        with pytest.raises(SystemExit) as e:
+            main(["--data", str(corpus), "--eval-chars", value])
+        assert e.value.code == 2
+        assert "argument --eval-chars: must be a number of characters >= 0 or 'all'" in capsys.readouterr().err
     assert "--hidden must be >= 1" in err("--data", str(corpus), "--hidden", "0")
     if not torch.cuda.is_available():
         assert "CUDA is not available" in err("--data", str(corpus), "--device", "cuda")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "cannot be read" in err("--resume", str(tmp_path / "junk.pt"))
+    assert "cannot be read: truncated or not a checkpoint" in err("--resume", str(tmp_path / "junk.pt"))
     assert train(corpus, tmp_path / "r", "--steps", "2") == 0
     capsys.readouterr()
     assert "--hidden cannot change on --resume" in err("--resume", str(tmp_path / "r" / "ckpt.pt"),
@@ -184,3 +205,78 @@ def test_sigterm_saves_a_resumable_checkpoint(corpus: Path, tmp_path: Path) -> N
     assert proc.returncode == 130 and "resumable" in err and "Traceback" not in err
     raw = checkpoint.read(out / "ckpt.pt")
     assert raw["metrics"]["steps"] >= 3 and raw["train"]["position"] == raw["metrics"]["steps"]
+
+
+def test_validation_scores_a_fixed_sample_and_the_last_pass_all_of_it(corpus: Path, tmp_path: Path) -> None:
+    """--eval-chars N: every pass scores the first N held-out chars (val_loss_sample: the same ones, so the
+    passes compare); val_loss, the whole split's (the export's measure), only where a pass scored all of it: at
+    --steps, or every pass with 0. A checkpoint between holds val_loss None, never the sample's number."""
+    assert train(corpus, tmp_path / "s", "--steps", "8", "--eval-chars", "50", "--stop-at", "4") == 0
+    assert checkpoint.read(tmp_path / "s" / "ckpt.pt")["metrics"]["val_loss"] is None
+    assert main(["--resume", str(tmp_path / "s" / "ckpt.pt"), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss_sample" in r]
+    run = Run(TrainArgs(data=str(corpus), out=str(tmp_path / "probe"), hidden=8, embed=4, batch=2, seq_len=8))
+    n_val = len(run.val_ids) - 1
+    assert [(r["step"], r["val_sample_chars"], "val_loss" in r) for r in val] == [(4, 50, False), (8, 50, True)]
+    raw = checkpoint.read(tmp_path / "s" / "ckpt.pt")["metrics"]
+    assert (raw["val_loss"], raw["val_loss_sample"], raw["val_sample_chars"]) == (val[1]["val_loss"],
+                                                                           val[1]["val_loss_sample"], 50)
+    model = checkpoint.load(tmp_path / "s" / "ckpt.pt").model
+    assert evaluate(model, run.val_ids[:51]) == pytest.approx(val[1]["val_loss_sample"], abs=1e-6)  # first 50
+    assert evaluate(model, run.val_ids) == pytest.approx(val[1]["val_loss"], abs=1e-6)  # all n_val
+    run = Run(TrainArgs(data=str(corpus), out=str(tmp_path / "again"), hidden=8, embed=4, batch=2, seq_len=8,
+                        eval_chars=50))
+    first = run.validate()
+    run.model.load_state_dict(model.state_dict())  # other weights, then the trained ones: the same loss again
+    assert run.validate() == pytest.approx(val[1]["val_loss_sample"], abs=1e-6) != first
+    assert run.val_loss is None and run.validate(whole=True) == run.val_loss_sample and run.val_loss is not None
+    assert train(corpus, tmp_path / "all", "--steps", "4", "--eval-every", "2", "--eval-chars", "all") == 0
+    rows = [json.loads(x) for x in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["val_sample_chars"], r["val_loss"] == r["val_loss_sample"]) for r in rows if "val_loss" in r] == \
+        [(n_val, True), (n_val, True)]
+
+
+def test_tokens_per_second_leave_validation_out(corpus: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A slow validation pass (0.5 s here) between two log lines does not lower the tokens/s they report."""
+    class SlowValidation(Run):
+        def validate(self, whole: bool = False) -> float:
+            time.sleep(0.5)
+            return super().validate(whole)
+
+    args = TrainArgs(data=str(corpus), out=str(tmp_path / "r"), hidden=8, embed=4, batch=2, seq_len=8, steps=8,
+                     eval_every=2, log_every=4, progress=False, threads=1)
+    with caplog.at_level(logging.INFO, logger="rnnserve.trainer.train"):
+        SlowValidation(args).run()
+    rates = [float(m.group(1)) for m in (re.search(r"(\d+) tok/s", r.getMessage()) for r in caplog.records) if m]
+    assert len(rates) == 2
+    tokens = 4 * 2 * 8  # per log interval, which holds two 0.5 s validations
+    assert min(rates) > 3 * tokens / 0.5, rates  # with them counted it would be under tokens / 1.0 s
+
+
+def test_series_validation_scores_a_fixed_spread_sample(tmp_path: Path) -> None:
+    """--eval-sequences N: N validation sequences spread evenly over them, every pass; all of them at --steps."""
+    from rnnserve.trainer.series_train import eval_subset
+
+    rng = np.random.default_rng(0)
+    lines = ["id,a,b,label"] + [f"s{i},{rng.normal():.4f},{rng.normal():.4f},{'xy'[i % 2]}"
+                                for i in range(40) for _ in range(5)]
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r"
+    assert main(["--series", str(data), "--val-fraction", "0.5", "--eval-sequences", "5", "--out", str(out),
+                 "--hidden", "8", "--batch", "4", "--steps", "6", "--eval-every", "3", "--no-progress",
+                 "--threads", "1"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [(r["step"], r["val_sequences"], "val_loss_full" in r) for r in val] == [(3, 5, False), (6, 5, True)]
+    assert val[1]["val_sequences_full"] == 20
+    raw = checkpoint.read(out / "ckpt.pt")
+    assert raw["metrics"]["val_loss"] == val[1]["val_loss_full"] and raw["metrics"]["val_sequences"] == 20
+    from rnnserve.trainer.series import load_series
+
+    full = load_series(data)
+    picked = eval_subset(full, 5)
+    assert picked.ids == tuple(full.ids[i] for i in (0, 10, 20, 29, 39)) == eval_subset(full, 5).ids
+    assert eval_subset(full, 0) is full and eval_subset(full, 40) is full and eval_subset(None, 3) is None

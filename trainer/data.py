@@ -16,12 +16,16 @@ class CorpusError(ValueError):
 def load_text(path: str | Path) -> str:
     """Read a UTF-8 text file, with an error that names the problem."""
     p = Path(path)
-    if not p.is_file():
-        raise CorpusError(f"corpus {p} does not exist or is not a file")
+    if not p.exists():
+        raise CorpusError(f"corpus {p} does not exist")
+    if p.is_dir():
+        raise CorpusError(f"corpus {p} is a directory, not a text file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"corpus {p} is not valid UTF-8 (byte {e.start}): {e.reason}") from None
+    except OSError as e:
+        raise CorpusError(f"corpus {p} cannot be read: {e.strerror or e}") from None
     if len(text) < 2:
         raise CorpusError(f"corpus {p} has {len(text)} characters; need at least 2")
     return text
@@ -82,7 +86,8 @@ class StreamBatches:
         length = (len(ids) - 1) // batch  # tokens per stream (inputs); targets are shifted by one
         if length < seq_len:
             raise CorpusError(
-                f"{len(ids)} tokens cannot fill {batch} streams of one {seq_len}-token chunk each"
+                f"{len(ids)} training tokens cannot fill --batch {batch} streams of one --seq-len {seq_len}-token "
+                "chunk each: lower them or give a longer corpus"
             )
         self.batch, self.seq_len, self.length, self.shift_seed = batch, seq_len, length, shift_seed
         self.chunks_per_epoch = length // seq_len

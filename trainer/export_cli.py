@@ -23,23 +23,37 @@ from .promote import (
     load_credentials,
     pin,
 )
-from .publish import ExportError, check_name
+from .publish import check_name
+
+
+def _bad_input(e: BaseException) -> bool:
+    """A checkpoint, --eval-corpus or --eval-series that cannot be used: a usage error (exit 2)."""
+    from .checkpoint import CheckpointError
+    from .data import CorpusError
+    from .series import SeriesError
+
+    return isinstance(e, (CheckpointError, CorpusError, SeriesError))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of the single export; `rnn-export batch -h` and `rnn-export list -h` have their own."""
     p = argparse.ArgumentParser(prog="rnn-export", description="Publish a checkpoint as the next version of a model.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Also: rnn-export batch CHECKPOINT... | rnn-export list REPO | "
-                                       "rnn-export promote REPO NAME VERSION")
+                                       "rnn-export promote REPO NAME VERSION\n\nexit status: 0 published; 1 the "
+                                       "export failed (checks, writing the repository, the promotion rule, --load); "
+                                       "2 usage error: a bad flag, or a checkpoint / --eval-corpus / --eval-series "
+                                       "that is missing or cannot be used; 130 interrupted")
     p.add_argument("checkpoint", help="checkpoint file written by rnn-train")
     p.add_argument("--repo", default="models", help="model repository folder (default: models)")
     p.add_argument("--name", help="model name (default: the checkpoint's stem, or its folder for ckpt.pt)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
-    p.add_argument("--eval-corpus", help="UTF-8 corpus: record onnxruntime's loss on its last 10%% as val_loss")
+    p.add_argument("--eval-corpus", help="UTF-8 corpus: record onnxruntime's loss on its last 10%% as val_loss "
+                   "(default: none: val_loss stays the one rnn-train recorded)")
     p.add_argument("--eval-series", help="sequence model: a .csv/.npz test set; onnxruntime's accuracy or "
-                   "forecast error on it is recorded as metrics.test_*")
+                   "forecast error on it is recorded as metrics.test_* (default: none: rnn-train's test_* stay)")
     add_promotion_flags(p)
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: WARNING)")
     return p
 
 
@@ -67,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
             text = load_text(args.eval_corpus)
         if not Path(args.checkpoint).is_file():  # before importing torch: a typo answers at once
-            raise ExportError(f"checkpoint {args.checkpoint} does not exist or is not a file")
+            print(f"rnn-export: error: checkpoint {args.checkpoint} does not exist or is not a file", file=sys.stderr)
+            return 2
         from .export import default_name, export_checkpoint
 
         name = check_name(args.name or default_name(args.checkpoint))
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                  eval_series=args.eval_series)
     except (ValueError, OSError) as e:  # ExportError, CheckpointError, CorpusError, ModelFormatError, I/O
         print(f"rnn-export: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if _bad_input(e) else 1
     except KeyboardInterrupt:
         print("rnn-export: interrupted; nothing was published", file=sys.stderr)
         return 130

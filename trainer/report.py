@@ -5,8 +5,10 @@ Split out of trainer/train.py so the training loop reads on its own; rnn-train a
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,12 @@ def evaluate(model: RNNModel, ids: np.ndarray, streams: int = 1, chunk: int = 20
     """Mean nats/char on ids, read as `streams` contiguous streams from the initial state."""
     total = sum(float(sequence_loss(logits, y)) for logits, y in stream_logits(model, ids, streams, chunk, device))
     return total / (((len(ids) - 1) // streams) * streams)
+
+
+def eval_sample(ids: np.ndarray, chars: int) -> np.ndarray:
+    """The fixed validation sample: the first `chars` scored characters of the held-out ids (chars + 1 ids, as
+    each predicts the next), the same ones every pass so the losses compare; all of them for 0 or more."""
+    return ids if chars <= 0 or chars + 1 >= len(ids) else ids[: chars + 1]
 
 
 def fit_temperature(model: RNNModel, ids: np.ndarray, device: str = "cpu") -> float:
@@ -105,6 +113,26 @@ def progress_bar(start: int, end: int, enabled: bool):
     return tqdm(total=end, initial=start, file=sys.stderr, unit="step", mininterval=1.0, dynamic_ncols=True)
 
 
+@contextmanager
+def progress(start: int, end: int, enabled: bool) -> Iterator[Any]:
+    """progress_bar for the duration of a block, with log records routed around it: while the bar is up, the
+    root logger's console handlers print through tqdm.write, which clears the bar, prints the line and draws
+    the bar again below it, so no log line lands on the bar's line. The bar is closed (its line ended) on exit."""
+    bar = progress_bar(start, end, enabled)
+    if bar is None:
+        yield None
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                  for h in logging.root.handlers)
+    try:
+        with logging_redirect_tqdm() if console else nullcontext():  # none: nothing prints onto the bar
+            yield bar
+    finally:
+        bar.close()
+
+
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     """Training loss (smoothed) and validation loss against step, as a PNG."""
     import matplotlib
@@ -113,6 +141,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    sample = [(r["step"], r["val_loss_sample"]) for r in history
+              if "val_loss_sample" in r and r.get("val_loss") != r["val_loss_sample"]]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -120,8 +150,10 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
         w = max(1, len(losses) // 100)
         smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1 :], smooth, label=f"train (mean of {w})", lw=1)
+    if sample:
+        ax.plot(*zip(*sample), "o-", label="validation (first --eval-chars held-out chars)", lw=1.5)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+        ax.plot(*zip(*val), "s-" if not sample else "s", label="validation (whole held-out split)", ms=6)
     ax.set_xlabel("step")
     ax.set_ylabel("nats / char")
     ax.grid(alpha=0.3)

@@ -29,9 +29,9 @@ from torch import Tensor
 
 from . import checkpoint
 from .args import TrainArgs, TrainError
-from .loop import STOP, clip_gradients, lr_factor, pick_device, rng_state, set_rng_state
+from .loop import STOP, check_finite, clip_gradients, lr_factor, pick_device, rng_state, set_rng_state
 from .model import SeriesConfig, SeriesModel
-from .report import append_row, load_history, plot_losses, progress_bar
+from .report import append_row, load_history, plot_losses, progress
 from .series import PAD_LABEL, SeriesBatches, SeriesSet, fit_normalization, load_series, pad, split_off
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,14 @@ def rollout_errors(model: SeriesModel, data: SeriesSet, horizon: int, device: st
             "rollout_sequences": n // (horizon * model.config.features)}
 
 
+def eval_subset(data: SeriesSet | None, n: int) -> SeriesSet | None:
+    """The fixed validation sample: `n` sequences spread evenly over `data` (a file sorted by class or speaker
+    is still covered), the same ones every pass; all of them when n is 0 or at least their number."""
+    if data is None or n <= 0 or n >= len(data):
+        return data
+    return data.subset(np.unique(np.linspace(0, len(data) - 1, n).round().astype(np.int64)))
+
+
 def _file_sha(path: str) -> str:
     d = hashlib.sha256()
     with open(path, "rb") as f:
@@ -182,6 +190,7 @@ class SeriesRun:
         else:
             self.train_set, self.val_set = split_off(data, a.val_fraction, a.seed)
         self.test_set = load_series(a.test, labels, list(data.features), data.classes or None) if a.test else None
+        self.val_sample = eval_subset(self.val_set, a.eval_sequences)
         if a.task == "classify" and len(data.classes) < 2:
             raise TrainError(f"{a.series}: {len(data.classes)} class(es) in the labels; classification needs 2 or more")
         torch.manual_seed(a.seed)
@@ -198,6 +207,7 @@ class SeriesRun:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.args))
         self.batches = SeriesBatches(len(self.train_set), a.batch, a.seed)
         self.step, self.wall, self.offset, self.metrics = 0, 0.0, 0, {}
+        self.saved: int | None = None  # the step ckpt.pt holds, if this run wrote or resumed one
         self.carry: Tensor | None = None
         self.cur: tuple[Tensor, Tensor, Tensor | None] | None = None
         if resume is not None:
@@ -208,12 +218,16 @@ class SeriesRun:
             set_rng_state(tr["rng"])
             self.batches.position, self.offset = tr["position"], tr["offset"]
             self.step, self.wall, self.metrics = tr["step"], resume["metrics"]["wall_time_s"], dict(resume["metrics"])
+            self.saved = self.step
             if self.offset:
                 self.cur = self._batch(self.batches.indices(self.batches.position - 1))
                 self.carry = tr["carry"].to(self.device)
         self.out = Path(a.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.history = load_history(self.out / "metrics.jsonl", self.step)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.history = load_history(self.out / "metrics.jsonl", self.step)
+        except OSError as e:
+            raise TrainError(f"--out {self.out}: cannot write the run folder there ({e.strerror or e})") from None
 
     def _batch(self, index: np.ndarray) -> tuple[Tensor, Tensor, Tensor | None]:
         x, lengths, y = pad(self.train_set, index)
@@ -247,17 +261,25 @@ class SeriesRun:
             self.step += 1
             return float(loss.detach()) / n, norm
 
-    def validate(self) -> dict[str, float]:
-        """Validation metrics (recorded); the training loss alone when nothing is held out."""
+    def validate(self, whole: bool = False) -> dict[str, float]:
+        """Validation metrics on the fixed --eval-sequences sample (recorded as val_*, comparable from pass to
+        pass); with `whole`, also on every validation sequence (val_*_full), which the checkpoint then reports.
+        Empty when nothing is held out."""
         if self.val_set is None:
             return {}
-        m = evaluate(self.model, self.val_set, self.args.horizon if self.config.task == "forecast" else 0,
-                     self.device)
-        row = {"step": self.step, "val_loss": m["loss"], **{f"val_{k}": v for k, v in m.items() if k != "loss"},
-               "wall_time_s": round(self.wall, 3)}
+        horizon = self.args.horizon if self.config.task == "forecast" else 0
+        m = evaluate(self.model, self.val_sample, horizon, self.device)
+        named = {"val_loss": m["loss"], **{f"val_{k}": v for k, v in m.items() if k != "loss"},
+                 "val_sequences": len(self.val_sample)}
+        row = {"step": self.step, **named, "wall_time_s": round(self.wall, 3)}
+        if whole and len(self.val_sample) < len(self.val_set):
+            full = evaluate(self.model, self.val_set, horizon, self.device)
+            named = {"val_loss": full["loss"], **{f"val_{k}": v for k, v in full.items() if k != "loss"},
+                     "val_sequences": len(self.val_set)}
+            row.update({f"{k}_full": v for k, v in named.items()})
         self.history.append(row)
         append_row(self.out / "metrics.jsonl", row)
-        self.metrics.update({k: v for k, v in row.items() if k.startswith("val_")})
+        self.metrics.update(named)
         return m
 
     def test(self) -> dict[str, float]:
@@ -289,46 +311,52 @@ class SeriesRun:
                       "step": self.step, "data_sha256": self.data_sha, "args": asdict(self.args)},
         }
         path = checkpoint.save(self.out / "ckpt.pt", payload)
+        self.saved = self.step
         plot_losses(self.history, self.out / "loss.png")
         return path
 
     def run(self) -> dict[str, Any]:
-        """Train to --steps (or --stop-at), validating and checkpointing every --eval-every steps."""
+        """Train to --steps (or --stop-at), validating and checkpointing every --eval-every steps.
+
+        Raises KeyboardInterrupt (after saving) when stopped, RunError when the loss stops being finite.
+        """
         a = self.args
         end = a.steps if a.stop_at is None else min(a.steps, a.stop_at)
-        bar = progress_bar(self.step, end, a.progress)
         self.model.train()
-        try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                loss, norm = self.train_step()
-                self.wall += time.perf_counter() - t0
-                row = {"step": self.step, "loss": round(loss, 6), "grad_norm": round(norm, 6),
-                       "lr": self.opt.param_groups[0]["lr"], "wall_time_s": round(self.wall, 3)}
-                self.history.append(row)
-                append_row(self.out / "metrics.jsonl", row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                if a.log_every and self.step % a.log_every == 0:
-                    log.info("step %d loss %.4f grad_norm %.3f lr %.2e", self.step, loss, norm,
-                             self.opt.param_groups[0]["lr"])
-                if self.step % a.eval_every == 0 or self.step == a.steps:
-                    m = self.validate()
-                    if m:
-                        log.info("step %d validation %s", self.step, json.dumps(m))
-                    if self.step == a.steps:
-                        self.test()
-                    self.save()
-                if STOP.is_set():
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: saving a resumable checkpoint", self.step)
-            self.save()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+        with progress(self.step, end, a.progress) as bar:
+            try:
+                while self.step < end:
+                    if STOP.is_set():
+                        raise KeyboardInterrupt
+                    t0 = time.perf_counter()
+                    loss, norm = self.train_step()
+                    self.wall += time.perf_counter() - t0
+                    check_finite(loss, self.step, self.saved, self.out)
+                    row = {"step": self.step, "loss": round(loss, 6), "grad_norm": round(norm, 6),
+                           "lr": self.opt.param_groups[0]["lr"], "wall_time_s": round(self.wall, 3)}
+                    self.history.append(row)
+                    append_row(self.out / "metrics.jsonl", row)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                    if a.log_every and self.step % a.log_every == 0:
+                        log.info("step %d loss %.4f grad_norm %.3f lr %.2e", self.step, loss, norm,
+                                 self.opt.param_groups[0]["lr"])
+                    if self.step % a.eval_every == 0 or self.step == a.steps:
+                        t0 = time.perf_counter()
+                        m = self.validate(whole=self.step == a.steps)
+                        if m:
+                            full = {k[4:-5]: v for k, v in self.history[-1].items() if k.endswith("_full")}
+                            log.info("step %d validation %s (%d sequences)%s (%.1f s)", self.step, json.dumps(m),
+                                     len(self.val_sample), f", on all: {json.dumps(full)}" if full else "",
+                                     time.perf_counter() - t0)
+                        if self.step == a.steps:
+                            self.test()
+                        self.save()
+            except KeyboardInterrupt:
+                log.warning("interrupted at step %d: saving a resumable checkpoint", self.step)
+                self.save()
+                raise
         if self.step % a.eval_every and self.step != a.steps:
             self.save()
         return {k: v for k, v in self.metrics.items() if k.startswith(("val_", "test_"))}

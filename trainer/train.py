@@ -2,8 +2,10 @@
 
 Loss: the per-step cross-entropy summed over time (`sequence_loss`); the step optimises the same
 objective scaled to the mean per character, so `--clip` thresholds mean what they do for nn.RNN users.
-Validation runs ONE stream over the held-out last 10% from the model's initial state (the same
-measurement the export reports from onnxruntime); `--val-streams N` trades that for speed.
+Validation runs ONE stream from the model's initial state (the measurement the export reports from
+onnxruntime) over a fixed sample of the held-out last 10%: its first `--eval-chars` characters, the same
+every pass (val_loss_sample); the pass at `--steps` also scores all of it (val_loss, the export's measure).
+`--val-streams N` trades the single stream for speed. Exit status: args.EXIT_STATUS.
 """
 from __future__ import annotations
 
@@ -24,19 +26,30 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .args import TrainArgs, TrainError, parse_args
+from .args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainArgs, TrainError, parse_args
 from .data import CorpusError, StreamBatches, Vocab, load_text, split
-from .loop import STOP, clip_gradients, lr_factor, pick_device, rng_state, set_rng_state
+from .loop import (
+    STOP,
+    RunError,
+    check_finite,
+    clip_gradients,
+    lr_factor,
+    pick_device,
+    rng_state,
+    set_rng_state,
+)
 from .model import ModelConfig, RNNModel
 from .report import (
     append_row,
+    eval_sample,
     evaluate,
     fit_temperature,
     load_history,
     plot_losses,
-    progress_bar,
+    progress,
     sequence_loss,
 )
+from .series import SeriesError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +89,8 @@ class Run:
         self.train_ids = self.train_ids[held:]
         if args.val_streams < 1 or (len(self.val_ids) - 1) // args.val_streams < 1:
             raise TrainError(f"--val-streams {args.val_streams} does not fit {len(self.val_ids)} validation chars")
+        if (len(eval_sample(self.val_ids, args.eval_chars)) - 1) // args.val_streams < 1:
+            raise TrainError(f"--eval-chars {args.eval_chars} is fewer than --val-streams {args.val_streams}")
         self.batches = StreamBatches(self.train_ids, args.batch, args.seq_len,
                                      shift_seed=args.seed if args.shift_epochs else None)
         torch.manual_seed(args.seed)
@@ -90,6 +105,9 @@ class Run:
         self.opt = torch.optim.Adam(self.params, lr=args.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.args))
         self.step, self.wall, self.val_loss, self.temperature = 0, 0.0, None, None
+        self.val_loss_sample: float | None = None  # the latest pass on the --eval-chars sample
+        self.val_sample_chars: int | None = None  # characters that sample holds
+        self.saved: int | None = None  # the step ckpt.pt holds, if this run wrote or resumed one
         self.carry: Tensor | None = None  # (B, S) detached state carried into the next chunk
         if resume is not None:
             self.model.load_state_dict(resume["model"])
@@ -100,11 +118,17 @@ class Run:
             self.batches.position = tr["position"]
             self.step, self.wall = tr["step"], resume["metrics"]["wall_time_s"]
             self.val_loss = resume["metrics"]["val_loss"]
+            self.val_loss_sample = resume["metrics"].get("val_loss_sample", self.val_loss)
+            self.val_sample_chars = resume["metrics"].get("val_sample_chars")
+            self.saved = self.step
             self.temperature = resume["metrics"].get("temperature")
             self.carry = None if tr["carry"] is None else tr["carry"].to(self.device)
         self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.history = load_history(self.out / "metrics.jsonl", self.step)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.history = load_history(self.out / "metrics.jsonl", self.step)
+        except OSError as e:
+            raise TrainError(f"--out {self.out}: cannot write the run folder there ({e.strerror or e})") from None
 
     @property
     def tokens(self) -> int:
@@ -131,12 +155,27 @@ class Run:
         self.step += 1
         return float(loss.detach()) / y.numel(), norm
 
-    def validate(self) -> float:
-        """Held-out loss, recorded."""
-        self.val_loss = evaluate(self.model, self.val_ids, self.args.val_streams, device=self.device)
-        self._record({"step": self.step, "val_loss": self.val_loss, "tokens": self.tokens,
+    def _scored(self, ids: np.ndarray) -> int:
+        return ((len(ids) - 1) // self.args.val_streams) * self.args.val_streams
+
+    def validate(self, whole: bool = False) -> float:
+        """Held-out loss on the fixed --eval-chars sample (val_loss_sample: the same chars every pass, so the
+        passes compare); val_loss is the whole held-out split's (the export's measure), scored when the sample
+        is all of it or when `whole` (the pass at --steps), else None: a sample's number, lower or higher than
+        the split's, never stands in for it in a checkpoint. Recorded in metrics.jsonl; returns the sample's."""
+        sample = eval_sample(self.val_ids, self.args.eval_chars)
+        self.val_loss_sample = evaluate(self.model, sample, self.args.val_streams, device=self.device)
+        self.val_sample_chars = self._scored(sample)
+        self.val_loss = None
+        if len(sample) == len(self.val_ids):
+            self.val_loss = self.val_loss_sample
+        elif whole:
+            self.val_loss = evaluate(self.model, self.val_ids, self.args.val_streams, device=self.device)
+        self._record({"step": self.step, "val_loss_sample": self.val_loss_sample,
+                      "val_sample_chars": self.val_sample_chars,
+                      **({} if self.val_loss is None else {"val_loss": self.val_loss}), "tokens": self.tokens,
                       "wall_time_s": round(self.wall, 3)})
-        return self.val_loss
+        return self.val_loss_sample
 
     def calibrate(self) -> float:
         """Fit the softmax temperature on the held-out head of the training split; fold 1/T into the head."""
@@ -157,7 +196,8 @@ class Run:
             "config": self.config.to_dict(),
             "vocab": list(self.vocab.chars),
             "model": model,
-            "metrics": {"val_loss": self.val_loss, "steps": self.step, "tokens": self.tokens,
+            "metrics": {"val_loss": self.val_loss, "val_loss_sample": self.val_loss_sample,
+                        "val_sample_chars": self.val_sample_chars, "steps": self.step, "tokens": self.tokens,
                         "wall_time_s": round(self.wall, 3),
                         **({"temperature": self.temperature} if self.temperature is not None else {})},
             "train": {
@@ -172,91 +212,132 @@ class Run:
             },
         }
         path = checkpoint.save(self.out / "ckpt.pt", payload)
+        self.saved = self.step
         plot_losses(self.history, self.out / "loss.png")
         return path
 
     def run(self) -> float | None:
-        """Train to --steps (or --stop-at), validating and checkpointing every --eval-every steps."""
+        """Train to --steps (or --stop-at), validating and checkpointing every --eval-every steps.
+
+        The tokens/s of the log and the bar count training time only: validation and checkpoints are left out.
+        Raises KeyboardInterrupt (after saving) when stopped, RunError when the loss stops being finite.
+        """
         a = self.args
         end = a.steps if a.stop_at is None else min(a.steps, a.stop_at)
-        bar = progress_bar(self.step, end, a.progress)
         t_last, tok_last = time.perf_counter(), self.tokens
         self.model.train()
-        try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                loss, norm = self.train_step()
-                self.wall += time.perf_counter() - t0
-                now = time.perf_counter()
-                tok_s = (self.tokens - tok_last) / max(now - t_last, 1e-9)
-                self._record({"step": self.step, "loss": round(loss, 6), "grad_norm": round(norm, 6),
-                              "lr": self.opt.param_groups[0]["lr"], "tokens": self.tokens,
-                              "wall_time_s": round(self.wall, 3)})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if a.log_every and self.step % a.log_every == 0:
-                    log.info("step %d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s", self.step, loss, norm,
-                             self.opt.param_groups[0]["lr"], tok_s)
-                    t_last, tok_last = now, self.tokens
-                if self.step % a.eval_every == 0 or self.step == a.steps:
+        with progress(self.step, end, a.progress) as bar:
+            try:
+                while self.step < end:
+                    if _STOP.is_set():
+                        raise KeyboardInterrupt
                     t0 = time.perf_counter()
-                    if self.step == a.steps and self.calib_ids is not None:
-                        self.calibrate()
-                    val = self.validate()
+                    loss, norm = self.train_step()
                     self.wall += time.perf_counter() - t0
-                    log.info("step %d val_loss %.4f", self.step, val)
-                    self.save()
-                if _STOP.is_set():
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: saving a resumable checkpoint", self.step)
-            self.save()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+                    check_finite(loss, self.step, self.saved, self.out)
+                    now = time.perf_counter()
+                    tok_s = (self.tokens - tok_last) / max(now - t_last, 1e-9)
+                    self._record({"step": self.step, "loss": round(loss, 6), "grad_norm": round(norm, 6),
+                                  "lr": self.opt.param_groups[0]["lr"], "tokens": self.tokens,
+                                  "wall_time_s": round(self.wall, 3)})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if a.log_every and self.step % a.log_every == 0:
+                        log.info("step %d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s", self.step, loss, norm,
+                                 self.opt.param_groups[0]["lr"], tok_s)
+                        t_last, tok_last = now, self.tokens
+                    if self.step % a.eval_every == 0 or self.step == a.steps:
+                        t0 = time.perf_counter()
+                        self._validate_and_save()
+                        t_last += time.perf_counter() - t0  # the next tokens/s leaves this pause out
+            except KeyboardInterrupt:
+                log.warning("interrupted at step %d: saving a resumable checkpoint", self.step)
+                self.save()
+                raise
         if self.step % a.eval_every and self.step != a.steps:
             self.save()  # stopped by --stop-at between validations
         return self.val_loss
 
+    def _validate_and_save(self) -> None:
+        """The periodic pass (calibration first at the last step; the whole split then), logged, then ckpt.pt."""
+        t0 = time.perf_counter()
+        last = self.step == self.args.steps
+        if last and self.calib_ids is not None:
+            self.calibrate()
+        sample = self.validate(whole=last)
+        spent = time.perf_counter() - t0
+        self.wall += spent
+        if self.val_loss is not None and self.val_loss != sample:
+            log.info("step %d val_loss %.4f on all %d held-out chars, %.4f on the first %d (%.1f s)", self.step,
+                     self.val_loss, self._scored(self.val_ids), sample, self.val_sample_chars, spent)
+        else:
+            log.info("step %d val_loss%s %.4f (%d held-out chars, %.1f s)", self.step,
+                     "" if self.val_loss is not None else "_sample", sample, self.val_sample_chars, spent)
+        self.save()
+
+
+SETUP_ERRORS = (TrainError, CorpusError, SeriesError, checkpoint.CheckpointError)  # exit 2: before any training
+RUN_ERRORS = (RunError, OSError, RuntimeError, MemoryError, ValueError)  # exit 1: the started run failed
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: our errors by their message, others with their type (torch's run long)."""
+    if isinstance(e, RunError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
 
 def _train(argv: list[str] | None) -> int:
+    """Set up (errors: exit 2), train (errors: exit 1; interrupted: 130), print the result as JSON (0)."""
     try:
         args, raw, level = parse_args(argv)
         logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        if args.series:
-            return _train_series(args, raw)
-        run = Run(args, raw)
-        log.info("model %s: %d parameters, state_size %d, vocab %d; %d train / %d val chars",
-                 run.config.to_dict(), sum(p.numel() for p in run.params), run.model.state_size,
-                 len(run.vocab), len(run.train_ids), len(run.val_ids))
-        val = run.run()
-    except (TrainError, CorpusError, checkpoint.CheckpointError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"rnn-train: error: {msg}", file=sys.stderr)
-        return 2
+        run: Any = _series_run(args, raw) if args.series else _text_run(args, raw)
+    except SETUP_ERRORS as e:
+        print(f"rnn-train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # outside the main thread (no signal handler): before training, nothing saved
+        print("rnn-train: interrupted before training started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        metrics = run.run()
     except KeyboardInterrupt:
-        print("rnn-train: interrupted; the checkpoint is resumable with --resume", file=sys.stderr)
-        return 130
-    print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, "val_loss": val,
+        sys.stderr.flush()
+        print(f"rnn-train: interrupted at step {run.step}; the checkpoint is resumable: "
+              f"`rnn-train --resume {run.out / 'ckpt.pt'}`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RUN_ERRORS as e:
+        log.debug("the run failed at step %d", run.step, exc_info=True)
+        hint = "" if isinstance(e, RunError) else f" (after step {run.step}; --log-level DEBUG shows the traceback)"
+        print(f"rnn-train: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return EXIT_ERROR
+    summary = metrics if isinstance(metrics, dict) else {
+        "val_loss": metrics, "val_loss_sample": run.val_loss_sample, "val_sample_chars": run.val_sample_chars}
+    print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, **summary,
                       "wall_time_s": round(run.wall, 1)}))
-    return 0
+    return EXIT_OK
 
 
-def _train_series(args: TrainArgs, raw: dict[str, Any] | None) -> int:
-    """rnn-train --series: train, print the checkpoint and its validation and test metrics as JSON."""
+def _text_run(args: TrainArgs, raw: dict[str, Any] | None) -> Run:
+    run = Run(args, raw)
+    log.info("model %s: %d parameters, state_size %d, vocab %d; %d train / %d val chars on %s",
+             run.config.to_dict(), sum(p.numel() for p in run.params), run.model.state_size,
+             len(run.vocab), len(run.train_ids), len(run.val_ids), run.device)
+    return run
+
+
+def _series_run(args: TrainArgs, raw: dict[str, Any] | None) -> Any:
+    """rnn-train --series: a SeriesRun, set up."""
     from .series_train import SeriesRun  # imports this module: loaded only for sequence runs
 
     run = SeriesRun(args, raw)
-    log.info("series model %s: %d parameters, state_size %d; %d train / %d val sequences, %d features",
+    log.info("series model %s: %d parameters, state_size %d; %d train / %d val sequences, %d features on %s",
              run.config.to_dict(), sum(p.numel() for p in run.params), run.model.state_size, len(run.train_set),
-             0 if run.val_set is None else len(run.val_set), run.config.features)
-    metrics = run.run()
-    print(json.dumps({"checkpoint": str(run.out / "ckpt.pt"), "steps": run.step, **metrics,
-                      "wall_time_s": round(run.wall, 1)}))
-    return 0
+             0 if run.val_set is None else len(run.val_set), run.config.features, run.device)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
