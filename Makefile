@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/serve_bench.py
 	$(PY) bench/gen_bench.py
 	$(PY) bench/kserve_bench.py
+	$(PY) bench/series_bench.py
 	$(PY) bench/isolation_bench.py
 	$(PY) bench/security_bench.py
 	$(PY) bench/store_bench.py

@@ -1,4 +1,4 @@
-"""`rnn-client`: generate text, chat with a carried session, and list models on an rnnserve server.
+"""`rnn-client`: generate text, chat with a carried session, stream frames to a vector model, list models.
 
 Exit status, the convention of every rnnserve command line: 0 done; 1 a runtime error (the server
 unreachable or answering with an error: NOT_FOUND, INVALID_ARGUMENT, ...); 2 a usage error (a bad flag or
@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from . import frames_cli
 from .core import RnnServeError, add_connection_flags, connection_settings, refusal_hint
 from .lib import Client, Session
 
@@ -53,7 +54,7 @@ TEMPERATURE = _number(float, 0.0, math.inf, "a number >= 0 (0 = greedy)")
 TOP_K = _number(int, 0, UINT32, "an integer >= 0 (0 = no top-k filter)")
 TOP_P = _number(float, 0.0, 1.0, "a number from 0 to 1 (0 = no nucleus filter)")
 SEED = _number(int, 0, UINT64, f"an integer from 0 to {UINT64}")
-VERSION = _number(int, 0, INT64, "an integer >= 0 (0 = the latest)")
+VERSION = _number(int, 0, INT64, "an integer >= 0 (0 = the default version)")
 
 
 class _Stdout:
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def sampling(sp: argparse.ArgumentParser, max_tokens: int, stop: str, seed: str) -> None:
         sp.add_argument("--model", help="model name (default: the first model the server lists)")
-        sp.add_argument("--version", type=VERSION, default=0, help="model version (default 0 = the latest)")
+        sp.add_argument("--version", type=VERSION, default=0, help="model version (default 0 = the model's default version)")
         sp.add_argument("--session", help="resume this session id instead of opening a new one (default: a "
                                           "new session)")
         sp.add_argument("--max-tokens", type=MAX_TOKENS, default=max_tokens,
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling(chat, 300, "a blank line, '\\n\\n'",
              "seed of the first answer, 0..2^64-1; answer i (from 0) uses SEED+i, so answers differ "
              "and a rerun repeats them (default: random)")
+    frames_cli.add_parser(sub, EXIT_STATUS, VERSION, _number)
     sub.add_parser("models", help="list the server's models", epilog=EXIT_STATUS)
     fork = sub.add_parser("fork", help="copy a session (state, last distribution, steps) into a new one",
                           epilog=EXIT_STATUS)
@@ -263,13 +265,24 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
+def _quality(m: Any) -> str:
+    """A model's headline figure: val_loss (language models), test accuracy or error (vector models)."""
+    headline = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}
+    for key, fmt in (headline.get(m.task, ("", "")), ("val_loss", "{:.4f}")):
+        if key in m.metrics:
+            return f"{key} " + fmt.format(m.metrics[key])
+    return "-"
+
+
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
-    """One line per loaded model version."""
-    rows = [("NAME", "VERSION", "CELL", "HIDDEN", "LAYERS", "STATE", "VOCAB", "VAL_LOSS", "LATEST")]
+    """One line per loaded model version: its input (characters or frames of F floats) and task too."""
+    rows = [("NAME", "VERSION", "CELL", "HIDDEN", "LAYERS", "STATE", "INPUT", "TASK", "METRIC", "LATEST")]
     for m in client.list_models():
-        loss = m.metrics.get("val_loss")
+        vector = m.input_kind == "vector"
+        given = f"{m.features} floats" if vector else f"{len(m.vocab)} chars"
+        task = f"classify ({len(m.classes)})" if m.task == "classify" else (m.task or "lm")
         rows.append((m.name, str(m.version), m.cell, str(m.hidden_size), str(m.layers), str(m.state_size),
-                     str(len(m.vocab)), "-" if loss is None else f"{loss:.4f}", "yes" if m.latest else ""))
+                     given, task, _quality(m), "yes" if m.latest else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -290,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # a bad flag or value: argparse names it and exits 2
     target = args.target or os.environ.get(f"{ENV_PREFIX}TARGET") or DEFAULT_TARGET
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "fork": cmd_fork}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "fork": cmd_fork,
+                "frames": lambda c, a: frames_cli.run(c, a, _out.write)}
     _out.open_line = False
     settings: dict[str, Any] = {}
     try:
@@ -301,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with client:
             return commands[args.command](client, args)
+    except frames_cli.UsageError as err:  # a file or flag that does not fit the model
+        return _fail(str(err), EXIT_USAGE)
     except RnnServeError as err:
         return _fail(_describe(err, target, settings))
     except KeyboardInterrupt:

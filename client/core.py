@@ -87,13 +87,19 @@ def open_message(model: str, version: int = 0, initial: Initial = "model") -> pb
     return pb.Open(model=pb.ModelRef(name=model, version=version), **initial_fields(initial))
 
 
-def feed_message(data: str | Sequence[int], output: str | int = "last", top_k: int = 0,
-                 logits: bool = False) -> pb.Feed:
-    """A Feed of text (str) or token ids (ints), asking for `output` ("none", "last", "all")."""
+def output_mode(output: str | int) -> int:
+    """Feed.output for "none", "last" or "all" (an Output value passes through)."""
     if isinstance(output, str):
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(_OUTPUTS)}, got {output!r}")
-        output = _OUTPUTS[output]
+        return _OUTPUTS[output]
+    return output
+
+
+def feed_message(data: str | Sequence[int], output: str | int = "last", top_k: int = 0,
+                 logits: bool = False) -> pb.Feed:
+    """A Feed of text (str) or token ids (ints), asking for `output` ("none", "last", "all")."""
+    output = output_mode(output)
     if isinstance(data, str):
         return pb.Feed(text=data, output=output, top_k=top_k, logits=logits)
     return pb.Feed(tokens=pb.TokenIds(ids=list(data)), output=output, top_k=top_k, logits=logits)

@@ -10,7 +10,7 @@ import grpc
 
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc
-from . import core
+from . import core, frames
 from .core import Initial, Pem, RnnServeError, SessionCore
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class Session:
             raise
 
     session_id = property(lambda self: self.core.session_id, doc="The server-side session id.")
-    steps = property(lambda self: self.core.steps, doc="Tokens the session has consumed.")
+    steps = property(lambda self: self.core.steps, doc="Tokens (or frames) the session has consumed.")
     finish_reason = property(lambda self: self.core.finish_reason, doc="How the last generation ended.")
     opened = property(lambda self: self.core.opened, doc="The Opened answer (session id, model, steps).")
     model = property(lambda self: self.core.opened.model, doc="The model the session runs on.")
@@ -62,6 +62,13 @@ class Session:
              logits: bool = False) -> pb.FeedResult:
         """Advance the state over text or token ids; returns the distributions asked for by `output`."""
         return self.core.on_fed(self._ask(pb.SessionRequest(feed=core.feed_message(data, output, top_k, logits))))
+
+    def feed_frames(self, data: frames.Frames, horizon: int = 0, output: str | int = "last",
+                    logits: bool = False) -> frames.FrameResult:
+        """Advance a vector model's state over frames ((T, F) or one (F,) frame); returns the answer at the
+        last frame (`output` "all": at every frame) and, with `horizon` H, a forecaster's next H steps."""
+        msg = frames.feed_message(data, output, horizon, logits)
+        return frames.frame_result(self.core.on_fed(self._ask(pb.SessionRequest(feed=msg))), self.model)
 
     def generate_chunks(self, max_tokens: int, temperature: float = 1.0, top_k: int = 0,
                         top_p: float = 0.0, seed: int | None = None, stop: Sequence[str] = (),
@@ -149,6 +156,11 @@ class Client:
              logits: bool = False) -> pb.FeedResult:
         """Unary feed on a session by id."""
         return self._unary(core.step(session_id, data, output, top_k, logits))
+
+    def step_frames(self, session_id: str, data: frames.Frames, horizon: int = 0, output: str | int = "last",
+                    logits: bool = False, model: pb.ModelInfo | None = None) -> frames.FrameResult:
+        """Unary feed of frames on a vector model's session by id; `model` (its ModelInfo) names classes."""
+        return self._unary(frames.step(session_id, data, horizon, output, logits, model))
 
     def get_state(self, session_id: str) -> pb.StateResponse:
         """A session's state vector, model and step count (export, migrate)."""

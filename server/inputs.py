@@ -132,7 +132,8 @@ def check_logits(mv: ModelVersion, logits: Sequence[float] | np.ndarray) -> np.n
     with np.errstate(over="ignore"):
         arr = np.asarray(logits, dtype=np.float32).reshape(-1)
     if arr.shape[0] != mv.output_size:
-        raise InvalidArgument(f"logits have length {arr.shape[0]}, {mv.key} has {mv.output_size} outputs per step")
+        has = f"a vocabulary of {mv.vocab_size}" if mv.kind == "tokens" else f"{mv.output_size} outputs per step"
+        raise InvalidArgument(f"logits have length {arr.shape[0]}, {mv.key} has {has}")
     if not np.isfinite(arr).all():
         raise InvalidArgument("logits contain NaN or infinite values (or values beyond float32's range)")
     return arr

@@ -95,7 +95,7 @@ def cli(*args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     (["chat", "--temperature", "-0.1"], "argument --temperature: must be a number >= 0 (0 = greedy)"),
     (["generate", "--temperature", "inf"], "argument --temperature: must be a number >= 0"),
     (["chat", "--seed", "-1"], "argument --seed: must be an integer from 0 to 18446744073709551615"),
-    (["generate", "--version", "-1"], "argument --version: must be an integer >= 0 (0 = the latest)"),
+    (["generate", "--version", "-1"], "argument --version: must be an integer >= 0 (0 = the default version)"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_values_name_the_flag(closed_port: str, argv: list[str], message: str) -> None:
     # against a closed port: exit 1 would mean the value got as far as the network
