@@ -121,6 +121,10 @@ def test_many_devices_interleaved_over_kserve_equal_each_device_alone(served: Se
 def test_classifier_over_kserve_gives_probabilities(served: Served, repo: Path) -> None:
     x = frames(np.random.default_rng(5), 7)
     want = softmax(Device(repo, "cls").feed(x))  # (T, 4)
+    cfg = served.client.get_model_config("cls", as_json=True)["config"]
+    assert json.loads(cfg["parameters"]["classes"]["string_value"]) == ["w", "x", "y", "z"]
+    assert cfg["parameters"]["features"]["string_value"] == "3" and "vocab" not in cfg["parameters"]
+    assert [i["name"] for i in cfg["input"]] == ["inputs"]
     r = served.client.infer("cls", [frames_input(x)])  # stateless: from the initial state
     assert [o.name for o in r.get_response().outputs] == ["probabilities"]
     assert np.allclose(r.as_numpy("probabilities")[0], want, atol=1e-6)

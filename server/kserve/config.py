@@ -100,5 +100,10 @@ def fill_config(cfg: Any, mv: ModelVersion, versions: list[int], settings: Setti
         "idle_timeout_s": f"{settings.idle_timeout:g}",
         "initial_state": "the model's own (model.json initial_state) on sequence_start",
     }
+    if mv.kind == "vector":  # what a tritonclient user needs to read the answers: class names, frame width
+        params.update({"input_kind": "vector", "features": str(mv.features), "task": meta.task,
+                       "classes": json.dumps(list(meta.classes)), "feature_names": json.dumps(
+                           list(meta.input_spec.get("names", [])))})
+        del params["vocab"]
     for k, v in params.items():
         cfg.parameters[k].string_value = v
