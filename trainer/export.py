@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,21 +21,18 @@ import onnx
 from ..server.contract import (
     GENERATE_FILE,
     IR_VERSION,
-    META_FILE,
     OPSET,
     SEQUENCE_FILE,
     STEP_FILE,
-    ModelFormatError,
     open_session,
     sha256_bytes,
     sha256_file,
-    verify_version_dir,
 )
 from . import checkpoint
 from . import gen_graph as gg
 from . import onnx_graph as og
 from .model import RNNModel
-from .publish import ExportError, check_name, meta_bytes, publish, temp_dir, write_synced
+from .publish import ExportError, check_name, write_version
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +97,7 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
             "source": {"checkpoint_sha256": None, **(source or {}), "content_sha256": og.content_hash(model, vocab),
                        "exporter": og.FORMAT},
             "checks": {k: float(v) for k, v in checks.items()}}
-    name_dir = Path(repo) / name
-    tmp = temp_dir(name_dir)
-    try:
-        for fname, data in blobs.items():
-            write_synced(tmp / fname, data)
-        write_synced(tmp / META_FILE, meta_bytes(meta))
-        try:
-            verify_version_dir(tmp)
-        except ModelFormatError as e:
-            raise ExportError(f"{name}: the written files fail verification: {e}") from None
-        final = publish(tmp, name_dir, meta, version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = write_version(Path(repo) / name, blobs, meta, version)
     log.info("exported %s in %.2fs (checks %s)", final, time.perf_counter() - t0, checks)
     return final
 

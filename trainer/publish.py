@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..server.contract import META_FILE, version_numbers
+from ..server.contract import META_FILE, ModelFormatError, verify_version_dir, version_numbers
 
 TMP_PREFIX = ".tmp-"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -112,3 +112,22 @@ def publish(tmp: Path, name_dir: Path, meta: dict[str, Any], version: int | None
 def meta_bytes(meta: dict[str, Any]) -> bytes:
     """model.json's bytes as the exporter writes them."""
     return (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_version(name_dir: Path, blobs: dict[str, bytes], meta: dict[str, Any], version: int | None) -> Path:
+    """Write the graphs and model.json into a temporary folder, verify it as the server will, then publish
+    it as the next (or the given) version; nothing is left behind on failure."""
+
+    tmp = temp_dir(name_dir)
+    try:
+        for fname, data in blobs.items():
+            write_synced(tmp / fname, data)
+        write_synced(tmp / META_FILE, meta_bytes(meta))
+        try:
+            verify_version_dir(tmp)
+        except ModelFormatError as e:
+            raise ExportError(f"{name_dir.name}: the written files fail verification: {e}") from None
+        return publish(tmp, name_dir, meta, version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

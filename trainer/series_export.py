@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,16 @@ import onnxruntime as ort
 
 from ..server.contract import (
     IR_VERSION,
-    META_FILE,
     OPSET,
     SEQUENCE_FILE,
     STEP_FILE,
-    ModelFormatError,
     open_session,
     sha256_bytes,
-    verify_version_dir,
 )
 from . import series_graph as sg
 from .model import SeriesModel
 from .onnx_graph import FORMAT
-from .publish import ExportError, check_name, meta_bytes, publish, temp_dir, write_synced
+from .publish import ExportError, check_name, write_version
 from .series import SeriesSet
 
 log = logging.getLogger(__name__)
@@ -142,19 +138,6 @@ def export_series_model(model: SeriesModel, info: dict[str, Any], repo: str | Pa
             "source": {"checkpoint_sha256": None, **(source or {}), "content_sha256": sg.content_hash(model, inp, task),
                        "exporter": FORMAT},
             "checks": {k: float(v) for k, v in checks.items()}}
-    name_dir = Path(repo) / name
-    tmp = temp_dir(name_dir)
-    try:
-        for fname, data in blobs.items():
-            write_synced(tmp / fname, data)
-        write_synced(tmp / META_FILE, meta_bytes(meta))
-        try:
-            verify_version_dir(tmp)
-        except ModelFormatError as e:
-            raise ExportError(f"{name}: the written files fail verification: {e}") from None
-        final = publish(tmp, name_dir, meta, version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = write_version(Path(repo) / name, blobs, meta, version)
     log.info("exported %s in %.2fs (checks %s)", final, time.perf_counter() - t0, checks)
     return final
