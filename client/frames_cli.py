@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, epilog: str, version: Callable, 
     p = sub.add_parser("frames", help="stream frames from a CSV to a vector model, one frame per request",
                        description=__doc__.split("\n\n")[1].replace("\n", " "), epilog=epilog)
     p.add_argument("model", help="the vector model's name (see `rnn-client models`)")
-    p.add_argument("--version", type=version, default=0, help="model version (default 0 = the latest)")
+    p.add_argument("--version", type=version, default=0, help="model version (default 0 = the model's default version)")
     p.add_argument("--csv", required=True, metavar="FILE",
                    help="frames in rnn-train's CSV layout: columns id, optional t, features, optional label")
     p.add_argument("--id", action="append", dest="ids", metavar="ID",
