@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,6 @@ from ..server.contract import (
     GENERATE_FILE,
     IO,
     IR_VERSION,
-    META_FILE,
     OPSET,
     SEQUENCE_FILE,
     STEP_FILE,
@@ -40,7 +38,7 @@ from ..server.contract import (
     verify_version_dir,
 )
 from ..server.sampling import GREEDY_BELOW, sample
-from .publish import ExportError, check_name, meta_bytes, publish, temp_dir, write_synced
+from .publish import ExportError, check_name, write_version
 
 if TYPE_CHECKING:
     from .model import RNNModel
@@ -360,20 +358,8 @@ def add_generation_graph(src_version_dir: str | Path, repo: str | Path | None = 
     raw["source"] = {**raw["source"], "derived_from": {"name": meta.name, "version": meta.version,
                                                        "path": str(src.resolve())}}
     name_dir = Path(repo if repo is not None else src.parent.parent) / name
-    tmp = temp_dir(name_dir)
-    try:
-        for fname in (STEP_FILE, SEQUENCE_FILE):
-            write_synced(tmp / fname, (src / fname).read_bytes())
-        write_synced(tmp / GENERATE_FILE, blob)
-        write_synced(tmp / META_FILE, meta_bytes(raw))
-        try:
-            verify_version_dir(tmp)
-        except ModelFormatError as e:
-            raise ExportError(f"{name}: the written files fail verification: {e}") from None
-        return publish(tmp, name_dir, raw, version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    blobs = {fname: (src / fname).read_bytes() for fname in (STEP_FILE, SEQUENCE_FILE)}
+    return write_version(name_dir, {**blobs, GENERATE_FILE: blob}, raw, version)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -160,9 +160,10 @@ def build_step(model: RNNModel, vocab: list[str]) -> onnx.ModelProto:
     return _finish(graph, model, vocab, "step")
 
 
-def build_sequence(model: RNNModel, vocab: list[str]) -> onnx.ModelProto:
-    """sequence.onnx: a Scan over time of the step body, tokens (B, T) -> logits (B, T, V), state_out."""
-    S, V, H = model.state_size, model.config.vocab_size, model.config.hidden_size
+def scan_body(model: RNNModel | SeriesModel) -> onnx.GraphProto:
+    """The Scan body of sequence.onnx, for both model kinds: one step of the cells from the projected input
+    s_xp (B, G) and s_state (B, S) to s_state_next and the top layer's s_h (B, H)."""
+    S, H = model.state_size, model.config.hidden_size
     G = model.cells[0].gates * H
     body = _Body("s_")
     h = _step_body(body, model, "s_xp", "s_state", "s_state_next")
@@ -173,6 +174,13 @@ def build_sequence(model: RNNModel, vocab: list[str]) -> onnx.ModelProto:
          helper.make_tensor_value_info("s_xp", FLOAT, ["batch", G])],
         [helper.make_tensor_value_info("s_state_next", FLOAT, ["batch", S]),
          helper.make_tensor_value_info("s_h", FLOAT, ["batch", H])])
+    return body_graph
+
+
+def build_sequence(model: RNNModel, vocab: list[str]) -> onnx.ModelProto:
+    """sequence.onnx: a Scan over time of the step body, tokens (B, T) -> logits (B, T, V), state_out."""
+    S, V = model.state_size, model.config.vocab_size
+    body_graph = scan_body(model)
     nodes = [
         helper.make_node("Gather", ["emb_proj", "tokens"], ["xp_all"], name="project", axis=0),  # (B, T, G)
         helper.make_node("Scan", ["state", "xp_all"], ["state_out", "hs"], name="over_time", body=body_graph,

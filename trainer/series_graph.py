@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from ..server.contract import IR_VERSION, OPSET
 from .model import SeriesModel
-from .onnx_graph import FLOAT, FORMAT, _Body, _diff, _np, _one_thread, _step_body, layer_arrays
+from .onnx_graph import FLOAT, FORMAT, _Body, _diff, _np, _one_thread, _step_body, layer_arrays, scan_body
 
 
 def specs(model: SeriesModel, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -97,17 +97,8 @@ def build_step(model: SeriesModel, inp: dict, task: dict) -> onnx.ModelProto:
 
 def build_sequence(model: SeriesModel, inp: dict, task: dict) -> onnx.ModelProto:
     """sequence.onnx: a Scan of the step body over raw frames (B, T, F) -> outputs (B, T, O), state_out."""
-    S, F, O, H = model.state_size, model.config.features, model.config.output_size, model.config.hidden_size
-    G = model.cells[0].gates * H
-    body = _Body("s_")
-    h = _step_body(body, model, "s_xp", "s_state", "s_state_next")
-    body.nodes.append(helper.make_node("Identity", [h], ["s_h"], name="s_h_out"))
-    body_graph = helper.make_graph(
-        body.nodes, "step_body",
-        [helper.make_tensor_value_info("s_state", FLOAT, ["batch", S]),
-         helper.make_tensor_value_info("s_xp", FLOAT, ["batch", G])],
-        [helper.make_tensor_value_info("s_state_next", FLOAT, ["batch", S]),
-         helper.make_tensor_value_info("s_h", FLOAT, ["batch", H])])
+    S, F, O = model.state_size, model.config.features, model.config.output_size
+    body_graph = scan_body(model)
     b = _Body("")
     xp = _project(b, "inputs")  # (B, T, G)
     b.nodes.append(helper.make_node("Scan", ["state", xp], ["state_out", "hs"], name="over_time", body=body_graph,
