@@ -211,3 +211,14 @@ def vector_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_series_model(vector_model("gru", "classify", init="learned"), INFO, repo, "cls", version=1)
     export_series_model(vector_model("lstm", "forecast", layers=2), INFO, repo, "fc", version=1)
     return repo
+
+
+@pytest.fixture(scope="session")
+def mixed_repo(vector_repo: Path, tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cls/1 and fc/1 (vector models) beside tiny/1 (a token model) (read-only: copy it)."""
+    import shutil
+
+    r = tmp_path_factory.mktemp("mixed")
+    for src in (vector_repo / "cls", vector_repo / "fc", tiny_repo / "tiny"):
+        shutil.copytree(src, r / src.name)
+    return r

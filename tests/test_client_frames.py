@@ -8,7 +8,6 @@ import asyncio
 import csv
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,17 +28,8 @@ FLOAT = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?|nan|inf"
 
 
 @pytest.fixture(scope="module")
-def repo(vector_repo: Path, tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """cls/1 (a GRU classifier) and fc/1 (an LSTM forecaster) of 3 features, beside tiny/1 (a token model)."""
-    r = tmp_path_factory.mktemp("frames-repo")
-    for src in (vector_repo / "cls", vector_repo / "fc", tiny_repo / "tiny"):
-        shutil.copytree(src, r / src.name)
-    return r
-
-
-@pytest.fixture(scope="module")
-def served(repo: Path):
-    s = Served(repo)
+def served(mixed_repo: Path):
+    s = Served(mixed_repo)
     yield s
     s.close()
 
@@ -67,9 +57,9 @@ def floats(text: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the library
-def test_feed_frames_classifier_one_frame_at_a_time(served: Served, repo: Path) -> None:
+def test_feed_frames_classifier_one_frame_at_a_time(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(1), 6)
-    want = softmax(Device(repo, "cls").feed(x))  # (T, 4)
+    want = softmax(Device(mixed_repo, "cls").feed(x))  # (T, 4)
     with Client(served.url) as c:
         info = {m.name: m for m in c.list_models()}
         assert (info["cls"].input_kind, info["cls"].features, info["cls"].task) == ("vector", F, "classify")
@@ -95,9 +85,9 @@ def test_feed_frames_classifier_one_frame_at_a_time(served: Served, repo: Path) 
         c.close_session(sid)
 
 
-def test_feed_frames_forecaster_with_horizon_leaves_the_session_where_it_was(served: Served, repo: Path) -> None:
+def test_feed_frames_forecaster_with_horizon_leaves_the_session_where_it_was(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(2), 5)
-    dev = Device(repo, "fc")
+    dev = Device(mixed_repo, "fc")
     want = dev.feed(x)  # (T, 6): mean then log_var
     roll = dev.rollout(want[-1], 3)
     with Client(served.url) as c, c.session("fc") as s:
@@ -112,7 +102,7 @@ def test_feed_frames_forecaster_with_horizon_leaves_the_session_where_it_was(ser
         assert r.steps == 6 and np.allclose(r.mean, dev.feed(nxt)[0, :F], atol=1e-5)
 
 
-def test_errors_reach_the_caller_intact_and_leave_the_session_usable(served: Served, repo: Path) -> None:
+def test_errors_reach_the_caller_intact_and_leave_the_session_usable(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(4), 2)
     with Client(served.url) as c:
         with c.session("cls") as s:
@@ -136,16 +126,16 @@ def test_errors_reach_the_caller_intact_and_leave_the_session_usable(served: Ser
             with pytest.raises(ValueError, match="horizon must be an integer >= 0"):
                 s.feed_frames(x, horizon=-1)
             r = s.feed_frames(x)  # nothing above moved the state
-            assert r.steps == 2 and np.allclose(r.probs, softmax(Device(repo, "cls").feed(x))[-1], atol=1e-6)
+            assert r.steps == 2 and np.allclose(r.probs, softmax(Device(mixed_repo, "cls").feed(x))[-1], atol=1e-6)
         with c.session("tiny") as s, pytest.raises(RnnServeError) as e:
             s.feed_frames(x)
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not float frames" in e.value.message
     assert as_frames(np.arange(3)).shape == (1, 3) and as_frames([[1, 2, 3]] * 4).dtype == np.float32
 
 
-def test_async_feed_frames_equals_the_sync_answers(served: Served, repo: Path) -> None:
+def test_async_feed_frames_equals_the_sync_answers(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(5), 4)
-    want = softmax(Device(repo, "cls").feed(x))
+    want = softmax(Device(mixed_repo, "cls").feed(x))
 
     async def go() -> list[np.ndarray]:
         async with AsyncClient(served.url) as c:
@@ -171,11 +161,11 @@ def test_cli_models_shows_each_models_input_and_task(served: Served) -> None:
     assert re.search(r" \d+ chars +lm ", rows["tiny"]), r.stdout
 
 
-def test_cli_frames_prints_each_ids_answer_as_onnxruntime_computes_it(served: Served, repo: Path,
+def test_cli_frames_prints_each_ids_answer_as_onnxruntime_computes_it(served: Served, mixed_repo: Path,
                                                                      tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     seqs = {"dev-a": frames(rng, 5), "dev-b": frames(rng, 3), "dev-c": frames(rng, 7)}
-    want = {k: softmax(Device(repo, "cls").feed(x)) for k, x in seqs.items()}
+    want = {k: softmax(Device(mixed_repo, "cls").feed(x)) for k, x in seqs.items()}
     labels = {k: CLASSES[int(np.argmax(p[-1]))] for k, p in want.items()}
     labels["dev-b"] = next(c for c in CLASSES if c != labels["dev-b"])  # one wrong: 2/3
     path = write_csv(tmp_path / "cls.csv", seqs, labels)
@@ -198,9 +188,9 @@ def test_cli_frames_prints_each_ids_answer_as_onnxruntime_computes_it(served: Se
     assert len(steps) == 12 and all(m[3] == CLASSES[int(np.argmax(want[m[1]][int(m[2])]))] for m in steps)
 
 
-def test_cli_frames_forecast_with_horizon(served: Served, repo: Path, tmp_path: Path) -> None:
+def test_cli_frames_forecast_with_horizon(served: Served, mixed_repo: Path, tmp_path: Path) -> None:
     x = frames(np.random.default_rng(7), 4)
-    dev = Device(repo, "fc")
+    dev = Device(mixed_repo, "fc")
     out = dev.feed(x)
     roll = dev.rollout(out[-1], 2)
     path = write_csv(tmp_path / "fc.csv", {"s1": x})
@@ -266,11 +256,11 @@ def test_cli_frames_interrupted_exits_130(served: Served, tmp_path: Path) -> Non
 
 
 # ----------------------------------------------------------------------------- scripts/stream_devices.py
-def test_stream_devices_script_matches_each_devices_onnxruntime_run(served: Served, repo: Path,
+def test_stream_devices_script_matches_each_devices_onnxruntime_run(served: Served, mixed_repo: Path,
                                                                     tmp_path: Path) -> None:
     rng = np.random.default_rng(10)
     seqs = {f"u{i}": frames(rng, int(rng.integers(2, 6))) for i in range(5)}
-    want = {k: CLASSES[int(np.argmax(Device(repo, "cls").feed(x)[-1]))] for k, x in seqs.items()}
+    want = {k: CLASSES[int(np.argmax(Device(mixed_repo, "cls").feed(x)[-1]))] for k, x in seqs.items()}
     labels = dict(want, u3=next(c for c in CLASSES if c != want["u3"]))  # one wrong: 4/5
     path = write_csv(tmp_path / "dev.csv", seqs, labels)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "stream_devices.py"), "--target", served.url,

@@ -3,7 +3,6 @@ numbers as a plain onnxruntime loop per device, and every wrong-kind call refuse
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import grpc
@@ -56,17 +55,8 @@ def frames(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def repo(vector_repo: Path, tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """cls/1 and fc/1 (vector models) beside tiny/1 (a token model)."""
-    r = tmp_path_factory.mktemp("mixed")
-    for src in (vector_repo / "cls", vector_repo / "fc", tiny_repo / "tiny"):
-        shutil.copytree(src, r / src.name)
-    return r
-
-
-@pytest.fixture(scope="module")
-def served(repo: Path):
-    s = Served(repo)
+def served(mixed_repo: Path):
+    s = Served(mixed_repo)
     yield s
     s.close()
 
@@ -77,11 +67,11 @@ def frames_input(x: np.ndarray) -> tc.InferInput:
     return i
 
 
-def test_many_devices_interleaved_over_kserve_equal_each_device_alone(served: Served, repo: Path) -> None:
+def test_many_devices_interleaved_over_kserve_equal_each_device_alone(served: Served, mixed_repo: Path) -> None:
     """24 devices on the forecaster stream 1-4 frames per request, interleaved on one stream, some with a
     horizon: every answer (mean, spread, rolled-out forecast) equals that device's own onnxruntime loop."""
     rng = np.random.default_rng(3)
-    devices = {k: (Device(repo, "fc"), frames(rng, 12)) for k in range(1, 25)}
+    devices = {k: (Device(mixed_repo, "fc"), frames(rng, 12)) for k in range(1, 25)}
     pos = dict.fromkeys(devices, 0)
     sent: dict[str, tuple[int, np.ndarray, int]] = {}
     results: list = []
@@ -118,9 +108,9 @@ def test_many_devices_interleaved_over_kserve_equal_each_device_alone(served: Se
             assert np.allclose(r.as_numpy("forecast_spread")[0], np.exp(0.5 * roll[:, F:]), rtol=1e-5, atol=1e-6)
 
 
-def test_classifier_over_kserve_gives_probabilities(served: Served, repo: Path) -> None:
+def test_classifier_over_kserve_gives_probabilities(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(5), 7)
-    want = softmax(Device(repo, "cls").feed(x))  # (T, 4)
+    want = softmax(Device(mixed_repo, "cls").feed(x))  # (T, 4)
     cfg = served.client.get_model_config("cls", as_json=True)["config"]
     assert json.loads(cfg["parameters"]["classes"]["string_value"]) == ["w", "x", "y", "z"]
     assert cfg["parameters"]["features"]["string_value"] == "3" and "vocab" not in cfg["parameters"]
@@ -135,13 +125,13 @@ def test_classifier_over_kserve_gives_probabilities(served: Served, repo: Path) 
         assert np.allclose(r.as_numpy("probabilities")[0, 0], want[t], atol=1e-6)
     # a stateless forecast of 4 steps from the frames given
     fx = frames(np.random.default_rng(6), 5)
-    dev = Device(repo, "fc")
+    dev = Device(mixed_repo, "fc")
     roll = dev.rollout(dev.feed(fx)[-1], 4)
     r = served.client.infer("fc", [frames_input(fx)], parameters={"horizon": 4})
     assert np.allclose(r.as_numpy("forecast_mean")[0], roll[:, :F], atol=1e-5)
 
 
-def test_native_frames_probabilities_and_horizon(served: Served, repo: Path) -> None:
+def test_native_frames_probabilities_and_horizon(served: Served, mixed_repo: Path) -> None:
     x = frames(np.random.default_rng(8), 6)
     with grpc.insecure_channel(served.url) as ch:
         stub = pb_grpc.RnnServeStub(ch)
@@ -150,7 +140,7 @@ def test_native_frames_probabilities_and_horizon(served: Served, repo: Path) -> 
         assert list(models["cls"].classes) == ["w", "x", "y", "z"] and models["fc"].output_size == 2 * F
         assert models["tiny"].input_kind == "tokens" and models["tiny"].task == "lm"
         o = stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="cls"))))
-        dev = Device(repo, "cls")
+        dev = Device(mixed_repo, "cls")
         for t in range(6):
             res = stub.Step(pb.StepRequest(session_id=o.session_id, feed=pb.Feed(
                 frames=pb.Frames(values=x[t].tolist(), features=F), output=pb.OUTPUT_LAST, top_k=2))).result
@@ -158,7 +148,7 @@ def test_native_frames_probabilities_and_horizon(served: Served, repo: Path) -> 
             assert np.allclose(res.distributions[0].probs, p, atol=1e-6)
             assert list(res.distributions[0].top_ids) == list(np.argsort(-p)[:2])
         o = stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="fc"))))
-        dev = Device(repo, "fc")
+        dev = Device(mixed_repo, "fc")
         res = stub.Step(pb.StepRequest(session_id=o.session_id, feed=pb.Feed(
             frames=pb.Frames(values=x.reshape(-1).tolist()), output=pb.OUTPUT_ALL, horizon=3, logits=True))).result
         want = dev.feed(x)
@@ -188,7 +178,7 @@ NATIVE_BAD = [  # (model, feed, words the message must contain)
 ]
 
 
-def test_native_wrong_kind_and_bad_frames_are_invalid_argument(served: Served, repo: Path) -> None:
+def test_native_wrong_kind_and_bad_frames_are_invalid_argument(served: Served, mixed_repo: Path) -> None:
     """Each refusal names the problem, and the session answers afterwards as if it had never come."""
     x = frames(np.random.default_rng(9), 2)
     with grpc.insecure_channel(served.url) as ch:
@@ -210,7 +200,7 @@ def test_native_wrong_kind_and_bad_frames_are_invalid_argument(served: Served, r
         assert "not a generation" in answers[-1].error.message
         step = stub.Step(pb.StepRequest(session_id=sids["cls"], feed=pb.Feed(frames=pb.Frames(values=x[1].tolist()),
                                                                              output=pb.OUTPUT_LAST)))
-        dev = Device(repo, "cls")
+        dev = Device(mixed_repo, "cls")
         assert step.result.steps == 2
         assert np.allclose(step.result.distributions[0].probs, softmax(dev.feed(x))[1], atol=1e-6)
 
@@ -250,18 +240,18 @@ def test_kserve_wrong_kind_and_bad_frames_are_invalid_argument(served: Served) -
     assert status_of(e.value) == "StatusCode.NOT_FOUND"
 
 
-def test_a_device_continues_across_a_restart_on_the_sqlite_store(repo: Path, tmp_path: Path) -> None:
+def test_a_device_continues_across_a_restart_on_the_sqlite_store(mixed_repo: Path, tmp_path: Path) -> None:
     """A vector session's state and last outputs survive the process like a token session's: a KServe sequence
     started on one server continues on the next, as the device alone would."""
     x = frames(np.random.default_rng(11), 6)
-    dev = Device(repo, "fc")
-    first = Served(repo, session_store="sqlite", state_dir=tmp_path / "state")
+    dev = Device(mixed_repo, "fc")
+    first = Served(mixed_repo, session_store="sqlite", state_dir=tmp_path / "state")
     try:
         r = first.client.infer("fc", [frames_input(x[:4])], sequence_id="sensor-1", sequence_start=True)
         assert np.allclose(r.as_numpy("mean")[0], dev.feed(x[:4])[:, :F], atol=1e-5)
     finally:
         first.close()
-    second = Served(repo, session_store="sqlite", state_dir=tmp_path / "state")
+    second = Served(mixed_repo, session_store="sqlite", state_dir=tmp_path / "state")
     try:
         r = second.client.infer("fc", [frames_input(x[4:])], sequence_id="sensor-1", sequence_end=True,
                                 parameters={"horizon": 2})
