@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from ..server.contract import (
     GENERATE_FILE,
@@ -64,12 +63,7 @@ def export_model(model: RNNModel, vocab: list[str], repo: str | Path, name: str,
     t0 = time.perf_counter()
     protos = {STEP_FILE: og.build_step(model, vocab), SEQUENCE_FILE: og.build_sequence(model, vocab)}
     protos[GENERATE_FILE] = gg.generate_from_step(protos[STEP_FILE])  # = gg.build_generate(model, vocab)
-    for fname, proto in protos.items():
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"{name}: onnx.checker rejects {fname}: {e}") from None
-    blobs = {f: p.SerializeToString() for f, p in protos.items()}
+    blobs = og.checked_blobs(name, protos)
     step, seq = open_session(blobs[STEP_FILE]), open_session(blobs[SEQUENCE_FILE])
     checks = og.parity(model, step, seq)
     # sequence vs torch over 256 steps: the two float32 implementations differ by rounding that scales

@@ -160,6 +160,16 @@ def build_step(model: RNNModel, vocab: list[str]) -> onnx.ModelProto:
     return _finish(graph, model, vocab, "step")
 
 
+def checked_blobs(name: str, protos: dict[str, onnx.ModelProto]) -> dict[str, bytes]:
+    """Each graph through onnx.checker (full check), then serialised; ExportError naming the file it rejects."""
+    for fname, proto in protos.items():
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{name}: onnx.checker rejects {fname}: {e}") from None
+    return {f: p.SerializeToString() for f, p in protos.items()}
+
+
 def scan_body(model: RNNModel | SeriesModel) -> onnx.GraphProto:
     """The Scan body of sequence.onnx, for both model kinds: one step of the cells from the projected input
     s_xp (B, G) and s_state (B, S) to s_state_next and the top layer's s_h (B, H)."""

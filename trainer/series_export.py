@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from ..server.contract import (
@@ -27,6 +26,7 @@ from ..server.contract import (
     open_session,
     sha256_bytes,
 )
+from . import onnx_graph as og
 from . import series_graph as sg
 from .model import SeriesModel
 from .onnx_graph import FORMAT
@@ -102,12 +102,7 @@ def export_series_model(model: SeriesModel, info: dict[str, Any], repo: str | Pa
         raise ExportError(f"{len(inp['names'])} feature names for {model.config.features} features")
     t0 = time.perf_counter()
     protos = {STEP_FILE: sg.build_step(model, inp, task), SEQUENCE_FILE: sg.build_sequence(model, inp, task)}
-    for fname, proto in protos.items():
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as e:
-            raise ExportError(f"{name}: onnx.checker rejects {fname}: {e}") from None
-    blobs = {f: p.SerializeToString() for f, p in protos.items()}
+    blobs = og.checked_blobs(name, protos)
     step, seq = open_session(blobs[STEP_FILE]), open_session(blobs[SEQUENCE_FILE])
     checks = sg.parity(model, step, seq)
     scale = checks["output_scale"]
