@@ -13,7 +13,7 @@ fixture (module scope; opt in with pytest.mark.usefixtures).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -222,3 +222,28 @@ def mixed_repo(vector_repo: Path, tiny_repo: Path, tmp_path_factory: pytest.Temp
     for src in (vector_repo / "cls", vector_repo / "fc", tiny_repo / "tiny"):
         shutil.copytree(src, r / src.name)
     return r
+
+
+@contextmanager
+def rnn_serve(repo: Path, work: Path, *flags: str) -> Iterator[str]:
+    """rnn-serve as a process on 127.0.0.1, ephemeral port, no metrics, no polling (plus `flags`), logging to
+    work/server.log; yields host:port once it serves, and checks that SIGTERM ends it with status 0."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port_file = work / "port.json"
+    with (work / "server.log").open("wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "rnn-serve"), "--models", str(repo), "--host",
+                                 "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
+                                 *flags, "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not port_file.exists():  # the server writes it once serving
+            assert proc.poll() is None, (work / "server.log").read_text()
+            assert time.monotonic() < deadline, "rnn-serve did not start within 60 s"
+            time.sleep(0.05)
+        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -4,7 +4,6 @@ health probe's target variables, the exit-code convention, and the GPU override'
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pty
 import re
@@ -32,7 +31,7 @@ HINT = re.compile(r"^session (\S+) kept: resume with `rnn-client chat --session 
 def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """rnn-serve (sessions in memory, ephemeral port, no metrics, no polling) on the tiny repository plus
     `flat/1`, a tiny model whose vocabulary has no newline: every newline on stdout is then the CLI's."""
-    from conftest import TINY_TEXT, tiny_model
+    from conftest import TINY_TEXT, rnn_serve, tiny_model
     from rnnserve.trainer.export import export_model
 
     work = tmp_path_factory.mktemp("cli-server")
@@ -43,20 +42,8 @@ def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     export_model(tiny_model("elman", 16, 1, "zeros", 4, len(vocab)), vocab, repo, "flat", version=1,
                  eval_text=flat, metrics={"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0},
                  source={"fixture": "tests/test_cli.py"})
-    port_file = work / "port.json"
-    with (work / "server.log").open("wb") as log:
-        proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(repo), "--host", "127.0.0.1",
-                                 "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
-                                 "--session-store", "memory", "--max-generate-tokens", str(MAX_GENERATE),
-                                 "--port-file", str(port_file)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not port_file.exists():  # written once serving
-            assert proc.poll() is None, (work / "server.log").read_text()
-            assert time.monotonic() < deadline, "rnn-serve did not start within 60 s"
-            time.sleep(0.05)
-        yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    with rnn_serve(repo, work, "--session-store", "memory", "--max-generate-tokens", str(MAX_GENERATE)) as target:
+        yield target
 
 
 @pytest.fixture

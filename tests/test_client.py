@@ -5,15 +5,14 @@ import asyncio
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import rnn_serve
 from rnnserve.client import AsyncClient, Client, RnnServeError
 
 BIN = Path(sys.executable).parent
@@ -24,21 +23,8 @@ LABEL = re.compile(r"\[session (\S+) · (\S+) v(\d+) · (\d+) steps\]")
 def server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """rnn-serve on the tiny repository, ephemeral port, no metrics, no polling."""
     work = tmp_path_factory.mktemp("client-server")
-    port_file = work / "port.json"
-    log = (work / "server.log").open("wb")
-    proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--host", "127.0.0.1",
-                             "--port", "0", "--metrics-port", "-1", "--poll-interval", "0",
-                             "--state-dir", str(work / "state"), "--port-file", str(port_file)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():  # the server writes it once serving
-        assert proc.poll() is None, (work / "server.log").read_text()
-        assert time.monotonic() < deadline, "rnn-serve did not start within 60 s"
-        time.sleep(0.05)
-    yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
-    log.close()
+    with rnn_serve(tiny_repo, work, "--state-dir", str(work / "state")) as target:
+        yield target
 
 
 @pytest.fixture(scope="module")
