@@ -3,7 +3,6 @@ generations; the checks that refuse a feed before it runs. The engine finds and 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -91,16 +90,8 @@ class Runner:
 
     async def feed(self, s: Session, tokens: Sequence[int] | np.ndarray | str,
                    output: str = "last", top_k: int = 0, logits: bool = True, horizon: int = 0) -> FeedResult:
-        """A feed, then (horizon > 0, forecasters) the rollout of `horizon` steps after it, in one call."""
-        if not horizon:
-            return await self._feed(s, tokens, output, top_k, logits)
-        inputs.check_horizon(s.model, horizon, self.settings.max_feed_tokens)  # before the feed moves anything
-        res = await self._feed(s, tokens, output, top_k, logits)
-        return dataclasses.replace(res, forecast=await self.forecast(s, horizon))
-
-    async def _feed(self, s: Session, tokens: Sequence[int] | np.ndarray | str,
-                    output: str, top_k: int, logits: bool) -> FeedResult:
-        """Push text or token ids through a session (1 token: a batched step; more: sequence.onnx in slices).
+        """Push text, token ids or frames through a session (1 step: a batched step; more: sequence.onnx in
+        slices), then, for a forecaster asked a horizon, roll out that many steps after it (FeedResult.forecast).
 
         top_k > 0 also returns the top-k ids and probabilities of each returned step (FeedResult.top),
         computed once for the whole batch. `logits`: whether the caller will send full logits back (with
@@ -108,6 +99,8 @@ class Runner:
         mv = s.model
         top_k = max(0, int(top_k))
         self.check_feed(mv, len(tokens), output, top_k, logits)
+        if horizon:
+            self.check_horizon(mv, horizon)  # before the feed moves anything
         ids = inputs.check_input(mv, tokens)  # (n,) ids, or (n, F) frames for a vector model
         self.quotas.spend(auth.current.get(), len(ids))
         fresh = s.steps == 0 and s.origin is not None and output != "all" and mv.kind == "tokens"  # prefix cache
@@ -130,7 +123,8 @@ class Runner:
         logits_out, top = await self.batchers[mv].feed(s, rest if fresh else ids, output, top_k)
         if fresh and not s.closed and s.has_logits:
             self.prefixes.put(mv.key, s.origin, ids, s.state, s.logits)
-        return FeedResult(len(ids), logits_out, s.steps, top, model=mv)
+        forecast = await self.forecast(s, horizon) if horizon else None  # never with the prefix cache (tokens)
+        return FeedResult(len(ids), logits_out, s.steps, top, forecast, mv)
 
     def _count_prefix(self, hit: bool) -> None:
         if self.metrics is not None:

@@ -204,10 +204,13 @@ def read_input(request: Any, mv: Any) -> list[int] | np.ndarray:
     """What the request feeds, for the model it lands on: token ids, or frames (T, F)."""
     if mv.kind == "vector":
         return read_frames(request, mv)
-    if any(i.name == VECTOR_INPUT for i in request.inputs):
-        raise invalid(f"model {mv.key} is a token model: it takes {INPUT!r} (INT64, shape [1, T]), not "
-                      f"{VECTOR_INPUT!r} frames")
-    return read_tokens(request)
+    try:
+        return read_tokens(request)
+    except InvalidArgument:  # say so when the request carries a vector model's frames
+        if any(i.name == VECTOR_INPUT for i in request.inputs):
+            raise invalid(f"model {mv.key} is a token model: it takes {INPUT!r} (INT64, shape [1, T]), not "
+                          f"{VECTOR_INPUT!r} frames") from None
+        raise
 
 
 def fill_vector_response(response: Any, names: tuple[str, ...], mv: Any, outputs: np.ndarray,
