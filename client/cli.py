@@ -18,6 +18,7 @@ import grpc
 
 from . import frames_cli
 from .core import RnnServeError, add_connection_flags, connection_settings, refusal_hint
+from .interrupts import Interrupts
 from .lib import Client, Session
 
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -79,6 +80,7 @@ class _Stdout:
 
 
 _out = _Stdout()
+_intr = Interrupts()  # Ctrl-C while a stream is read: cancel it, raise once the read returns
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,7 +162,12 @@ def _generate(s: Session, args: argparse.Namespace, stop: Sequence[str], seed: i
               before: str = "") -> None:
     """Stream one generation to stdout; `before` (the echoed prompt) goes out with the first chunk, so a
     rejected request prints nothing but its error."""
-    for text in s.generate(args.max_tokens, args.temperature, args.top_k, args.top_p, seed, stop):
+    chunks = s.generate(args.max_tokens, args.temperature, args.top_k, args.top_p, seed, stop)
+    while True:
+        with _intr.reading(s):
+            text = next(chunks, None)
+        if text is None:
+            break
         _out.write(before + text)
         before = ""
     _out.write(before)
@@ -181,13 +188,15 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     keep = bool(args.session) or args.keep
     try:
         if args.prompt:
-            s.feed(args.prompt, output="none")
+            with _intr.reading(s):
+                s.feed(args.prompt, output="none")
         _generate(s, args, args.stop or (), args.seed, args.prompt)
         _out.write("\n")
     except RnnServeError:
         if not keep:  # a bad prompt or generate request: don't leave a session behind for the idle timeout
             try:
-                s.close()
+                with _intr.reading(s):
+                    s.close()
             except RnnServeError:
                 s.detach()
         raise
@@ -204,7 +213,8 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         print(_label(s), file=sys.stderr)
         s.detach()
     else:
-        s.close()
+        with _intr.reading(s):
+            s.close()
     return EXIT_OK
 
 
@@ -237,12 +247,14 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
             if line.strip() == "/quit":
                 break
             if line.strip() == "/reset":
-                s.reset()
+                with _intr.reading(s):
+                    s.reset()
                 print(_label(s), file=sys.stderr)
                 continue
             try:
                 line = line.rstrip("\n")
-                s.feed(line + "\n" if "\n" in s.model.vocab else line, output="none")
+                with _intr.reading(s):
+                    s.feed(line + "\n" if "\n" in s.model.vocab else line, output="none")
             except RnnServeError as err:
                 if err.code != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
@@ -304,8 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a bad flag or value: argparse names it and exits 2
     target = args.target or os.environ.get(f"{ENV_PREFIX}TARGET") or DEFAULT_TARGET
     commands = {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models, "fork": cmd_fork,
-                "frames": lambda c, a: frames_cli.run(c, a, _out.write)}
+                "frames": lambda c, a: frames_cli.run(c, a, _out.write, _intr.reading)}
     _out.open_line = False
+    _intr.install()
     settings: dict[str, Any] = {}
     try:
         settings = connection_settings(args, ENV_PREFIX, os.environ)

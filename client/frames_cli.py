@@ -11,6 +11,7 @@ import argparse
 import logging
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from . import frames_csv
@@ -90,8 +91,10 @@ def _line(st: _Stream, r: FrameResult, final: bool) -> list[str]:
     return out
 
 
-def run(client: Client, args: argparse.Namespace, write: Callable[[str], None]) -> int:
-    """Stream the file's sequences (up to --parallel sessions interleaved) and print the answers."""
+def run(client: Client, args: argparse.Namespace, write: Callable[[str], None],
+        reading: Callable[[Session], AbstractContextManager[None]] = lambda s: nullcontext()) -> int:
+    """Stream the file's sequences (up to --parallel sessions interleaved) and print the answers; each
+    call on a stream runs inside `reading(session)` (the command line's Ctrl-C guard)."""
     features = [c.strip() for c in args.features.split(",")] if args.features else None
     if features is not None and not all(features):
         raise UsageError(f"--features: an empty column name in {args.features!r}")
@@ -113,7 +116,8 @@ def run(client: Client, args: argparse.Namespace, write: Callable[[str], None]) 
             while todo and len(live) < args.parallel:
                 live.append(_Stream(todo.popleft(), client.session(args.model, first.model.version)))
             for st in list(live):  # each live id sends its next frame, in turn
-                st.last = st.session.feed_frames(st.series.frames[st.pos], horizon=args.horizon)
+                with reading(st.session):
+                    st.last = st.session.feed_frames(st.series.frames[st.pos], horizon=args.horizon)
                 st.pos += 1
                 done = st.pos == len(st.series.frames)
                 if args.every or done:

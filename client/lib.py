@@ -27,6 +27,7 @@ class Session:
                  metadata: Sequence[tuple[str, str]] | None = None) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.Session(iter(self._requests.get, _END), metadata=metadata)
+        self._cancelled = False
         self.core = SessionCore()
         try:
             self.core.on_opened(self._ask(first))
@@ -107,7 +108,9 @@ class Session:
         if not self.core.ended:
             self.core.ended = True
             self._requests.put(_END)
-        self._call.cancel()
+        if not self._cancelled:  # once: a second cancel() waits on the call's lock again
+            self._cancelled = True
+            self._call.cancel()
 
     def __enter__(self) -> Self:
         return self
