@@ -90,14 +90,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._count = metrics.error if metrics is not None else (lambda code_name: None)
         self.bad_messages = RateLimitedLog()
         self.authenticator = authenticator or auth.Authenticator()
+        # (method, grpc's handler, auth on) -> our wrapped handler: built once per method, not per call
+        self._wrapped: dict[tuple[str, Any, bool], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         """The handler grpc found for this method, its parser and behaviour wrapped (UNIMPLEMENTED if none)."""
         handler = await continuation(details)
         method = details.method
-        calls = self.metrics.call(method) if self.metrics is not None else None
-        if handler is None:
+        if handler is None:  # not cached: a hostile client could name endless methods
+            calls = self.metrics.call(method) if self.metrics is not None else None
             return grpc.stream_stream_rpc_method_handler(self._unimplemented(method, calls))
+        key = (method, handler, self.authenticator.enabled)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap_handler(handler, method)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """grpc's handler of a served method with our behaviour and tolerant parser around it."""
+        calls = self.metrics.call(method) if self.metrics is not None else None
         for attr, make, streaming_in in _KINDS:
             behavior = getattr(handler, attr)
             if behavior is not None:
