@@ -336,6 +336,8 @@ class Batcher:
 
     def _nonfinite(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
         """(rows,) True where a row's logits or state hold NaN or infinity; logged once per version."""
+        if np.isfinite(logits.sum()) and np.isfinite(state.sum()):  # NaN and inf carry into a sum: all finite
+            return np.zeros(len(logits), bool)
         bad = ~(np.isfinite(logits.reshape(len(logits), -1)).all(1) & np.isfinite(state).all(1))
         if bad.any():
             if self.metrics is not None:
