@@ -318,11 +318,11 @@ class Batcher:
                 moved += [rows[i].session for i in good]
         if plan.gen_rows and out_gen is not None:
             tokens, state, logits = out_gen  # (B, K), (B, S), (B, V)
-            self.gen.timed(len(plan.gen_rows), tokens.shape[1], dt)
+            self.gen.clock.timed(len(plan.gen_rows), tokens.shape[1], dt)
             moved += self.gen.after_graph(plan.gen_rows, plan.gen_in["state"], out_gen, self._nonfinite(logits, state),
                                           self._replay, lambda r: self._poisoned(r.session))
         for (g, tok, _), (logits, state, seconds) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
-            self.long.timed(len(g), tok.shape[1], seconds)
+            self.long.clock.timed(len(g), tok.shape[1], seconds)
             bad = self._nonfinite(logits, state)
             for i in np.nonzero(bad)[0]:
                 self.long.fail(g[i], self._poisoned(g[i].session))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .clock import StepClock
 from .errors import ServeError
 from .sampling import top_k as top_k_of
 from .sessions import SessionTable, StatePool
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 FIRST_SLICE = 8  # tokens per row before any call has been timed
 MAX_SLICE = 4096  # tokens per row in one call, whatever the budget
-
-
-def _bucket(g: int) -> int:
-    return 1 << (max(1, g).bit_length() - 1)
 
 
 class LongFeeds:
@@ -44,7 +41,7 @@ class LongFeeds:
         self.slice_s = slice_s
         self.on_settled = on_settled  # called with a feed's length once it has left the queue
         self.jobs: collections.deque[FeedJob] = collections.deque()
-        self._step_s: dict[int, float] = {}  # rows bucket -> seconds per time step of sequence.onnx
+        self.clock = StepClock()  # seconds per time step of sequence.onnx, by rows
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -62,9 +59,9 @@ class LongFeeds:
         if not self.jobs:
             return []
         g = min(len(self.jobs), max(1, room))
-        while g > 1 and (e := self._estimate(g)) is not None and e > self.slice_s:
+        while g > 1 and (e := self.clock.estimate(g)) is not None and e > self.slice_s:
             g //= 2
-        est = self._estimate(g)
+        est = self.clock.estimate(g)
         t = FIRST_SLICE if est is None else int(min(MAX_SLICE, max(1, self.slice_s // est)))
         chosen = [self.jobs.popleft() for _ in range(g)]
         self.jobs.extend(chosen)  # to the back: the next iteration serves the others first
@@ -74,21 +71,6 @@ class LongFeeds:
         return [(js, np.stack([j.tokens[j.pos:j.pos + n] for j in js]),  # (G, T)
                  self.pool.states[[j.session.row for j in js]])  # (G, S)
                 for n, js in groups.items()]
-
-    def _estimate(self, g: int) -> float | None:
-        """Seconds per time step for g rows: the nearest timed bucket at or below, scaled up linearly."""
-        b = _bucket(g)
-        while b >= 1:
-            if b in self._step_s:
-                return self._step_s[b] * g / b
-            b //= 2
-        return None
-
-    def timed(self, rows: int, steps: int, seconds: float) -> None:
-        """Learn from one sequence.onnx call of `rows` x `steps`."""
-        b, per = _bucket(rows), seconds / max(1, steps)
-        old = self._step_s.get(b)
-        self._step_s[b] = per if old is None else 0.8 * old + 0.2 * per
 
     # -- update -------------------------------------------------------------------------------------------
     def apply(self, jobs: list[FeedJob], logits: np.ndarray, state: np.ndarray, bad: np.ndarray) -> list[FeedJob]:

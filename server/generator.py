@@ -17,16 +17,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .clock import StepClock
 from .repository import ModelVersion
 from .sampling import sample
 from .sessions import Session, SessionTable, StatePool
 from .work import Chunk, GenRow
 
 log = logging.getLogger(__name__)
-
-
-def _bucket(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 class Generator:
@@ -45,7 +42,7 @@ class Generator:
         self.admitted_at = 0.0  # the arrival of the oldest row the last admit() took (the batcher's queue time)
         self.rows: dict[GenRow, None] = {}  # insertion-ordered set of running rows
         self.inflight: set[GenRow] = set()
-        self._step_s: dict[int, float] = {}  # rows bucket -> seconds per generated step (graph path)
+        self.clock = StepClock()  # seconds per generated step by rows (graph path)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.new)
@@ -85,7 +82,7 @@ class Generator:
             k = 1  # a first chunk goes out after one token (the batcher gives new rows a call of their own)
         else:
             k = min(min(r.chunk_tokens, r.max_tokens - r.produced) for r in rows)
-            est = self._estimate(len(rows))
+            est = self.clock.estimate(len(rows))
             if est is not None:
                 k = min(k, max(1, int(self.budget_s / est)))
         k = max(1, k)
@@ -95,20 +92,6 @@ class Generator:
                 "temperature": np.array([r.temperature for r in rows], np.float32),
                 "top_k": np.array([r.top_k for r in rows], np.int64),
                 "top_p": np.array([r.top_p for r in rows], np.float32)}
-
-    def _estimate(self, n: int) -> float | None:
-        b = _bucket(n)
-        while b >= 1:
-            if b in self._step_s:
-                return self._step_s[b] * n / b
-            b //= 2
-        return None
-
-    def timed(self, rows: int, steps: int, seconds: float) -> None:
-        """Learn from one generation call of `rows` x `steps`."""
-        b, per = _bucket(rows), seconds / max(1, steps)
-        old = self._step_s.get(b)
-        self._step_s[b] = per if old is None else 0.8 * old + 0.2 * per
 
     def after_graph(self, rows: list[GenRow], start: np.ndarray, out: tuple, bad: np.ndarray,
                     replay: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
