@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def sampling(sp: argparse.ArgumentParser, max_tokens: int, stop: str, seed: str) -> None:
-        sp.add_argument("--model", help="model name (default: the first model the server lists)")
+        sp.add_argument("--model", help="model name (default: the first text model the server lists)")
         sp.add_argument("--version", type=VERSION, default=0, help="model version (default 0 = the model's default version)")
         sp.add_argument("--session", help="resume this session id instead of opening a new one (default: a "
                                           "new session)")
@@ -146,15 +146,19 @@ def _describe(err: RnnServeError, target: str, settings: dict[str, Any]) -> str:
 
 
 def _open(client: Client, args: argparse.Namespace) -> Session:
-    """Resume --session, or open a session on --model (default: the first listed model)."""
+    """Resume --session, or open a session on --model (default: the first text model listed; generate and
+    chat take text, and a vector model listed before it would only refuse it)."""
     if args.session:
         return client.resume(args.session)
     model = args.model
     if not model:
         models = client.list_models()
-        if not models:
-            raise RnnServeError(grpc.StatusCode.NOT_FOUND, "the server has no models loaded")
-        model = models[0].name
+        text = [m for m in models if m.input_kind != "vector"]
+        if not text:
+            raise RnnServeError(grpc.StatusCode.NOT_FOUND, "the server has no text models loaded" + (
+                " (only vector models: stream frames to them with `rnn-client frames MODEL --csv FILE`)"
+                if models else ""))
+        model = text[0].name
     return client.session(model, args.version)
 
 

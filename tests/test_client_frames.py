@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import rnn_serve
 from rnnserve.client import AsyncClient, Client, RnnServeError
 from rnnserve.client.frames import as_frames
 from test_kserve import Served
@@ -160,6 +161,23 @@ def test_cli_models_shows_each_models_input_and_task(served: Served) -> None:
     assert r.stdout.split()[6:9] == ["INPUT", "TASK", "METRIC"], r.stdout
     assert "3 floats  classify (4)" in rows["cls"] and "3 floats  forecast" in rows["fc"], r.stdout
     assert re.search(r" \d+ chars +lm ", rows["tiny"]), r.stdout
+
+
+def test_cli_generate_without_a_model_takes_the_first_text_model(served: Served, vector_repo: Path,
+                                                                 tmp_path: Path) -> None:
+    """cls, a vector model, is listed first: generate without --model runs on tiny, the text model; a server
+    with vector models only is told apart from one with no models, and `rnn-client frames` is named."""
+    with Client(served.url) as c:
+        names = [m.name for m in c.list_models()]
+        tiny = next(m for m in c.list_models() if m.name == "tiny")
+    assert names[0] == "cls", names
+    r = cli("--target", served.url, "generate", "--prompt", tiny.vocab[1], "--max-tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(tiny.vocab[1]) and set(r.stdout.rstrip("\n")) <= set(tiny.vocab), r.stdout
+    with rnn_serve(vector_repo, tmp_path, "--session-store", "memory") as target:
+        r = cli("--target", target, "generate", "--prompt", "a", "--max-tokens", "5")
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout)
+    assert "no text models loaded" in r.stderr and "rnn-client frames" in r.stderr, r.stderr
 
 
 def test_cli_frames_prints_each_ids_answer_as_onnxruntime_computes_it(served: Served, mixed_repo: Path,
