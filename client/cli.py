@@ -292,7 +292,7 @@ def _quality(m: Any) -> str:
 
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
     """One line per loaded model version: its input (characters or frames of F floats) and task too."""
-    rows = [("NAME", "VERSION", "CELL", "HIDDEN", "LAYERS", "STATE", "INPUT", "TASK", "METRIC", "LATEST")]
+    rows = [("NAME", "VERSION", "CELL", "HIDDEN", "LAYERS", "STATE", "INPUT", "TASK", "METRIC", "DEFAULT")]
     for m in client.list_models():
         vector = m.input_kind == "vector"
         given = f"{m.features} floats" if vector else f"{len(m.vocab)} chars"

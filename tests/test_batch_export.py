@@ -159,3 +159,13 @@ def test_kill_9_leaves_no_partial_version(tmp_path: Path, ckpts: list[Path]) -> 
     assert statuses.count("skipped") == len(done) and statuses.count("ok") == 10 - len(done)
     assert version_numbers(repo / "nightly") == list(range(1, 11))
     assert not list((repo / "nightly").glob(".tmp-*"))  # the killed run's temporaries are cleaned up
+
+
+def test_list_shows_each_versions_headline_figure(capsys) -> None:
+    """A language model's validation loss, a classifier's test accuracy: the figure `rnn-client models`
+    shows too (a vector model has no val_loss, so its column used to read '-')."""
+    assert main_list([str(Path(__file__).resolve().parents[1] / "models")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[5] == "METRIC", out[0]
+    rows = {ln.split()[0]: ln for ln in out[1:] if ln and not ln.startswith("default of")}
+    assert "val_loss 1.4840" in rows["shakespeare"] and "test_accuracy 97.6%" in rows["japanese-vowels"], rows

@@ -158,7 +158,7 @@ def test_cli_models_shows_each_models_input_and_task(served: Served) -> None:
     r = cli("--target", served.url, "models")
     assert r.returncode == 0, r.stderr
     rows = {ln.split()[0]: ln for ln in r.stdout.splitlines()[1:]}
-    assert r.stdout.split()[6:9] == ["INPUT", "TASK", "METRIC"], r.stdout
+    assert r.stdout.split()[6:10] == ["INPUT", "TASK", "METRIC", "DEFAULT"], r.stdout
     assert "3 floats  classify (4)" in rows["cls"] and "3 floats  forecast" in rows["fc"], r.stdout
     assert re.search(r" \d+ chars +lm ", rows["tiny"]), r.stdout
 

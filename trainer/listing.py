@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,14 @@ def default_of(name_dir: Path, usable: list[int]) -> tuple[int | None, str]:
     return usable[-1], f"highest version ({problem or f'no {DEFAULT_FILE}'})"
 
 
+def headline(task: str, metrics: Mapping[str, Any]) -> str | None:
+    """A version's headline figure, as `rnn-client models` shows it: a language model's validation loss, a
+    classifier's test accuracy, a forecaster's test RMSE."""
+    key, fmt = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}.get(
+        task, ("val_loss", "{:.4f}"))
+    return f"{key} {fmt.format(metrics[key])}" if key in metrics else None
+
+
 def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
     """Every version in a repository with its status; `default` marks the version new sessions get (and
     `default_reason` on that row says why)."""
@@ -54,12 +63,12 @@ def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
         for v in version_numbers(name_dir):
             d = name_dir / str(v)
             row: dict[str, Any] = {"model": name_dir.name, "version": v, "cell": None, "hidden_size": None,
-                                   "layers": None, "val_loss": None, "size": 0, "default": False,
+                                   "layers": None, "val_loss": None, "metric": None, "size": 0, "default": False,
                                    "default_reason": None, "status": "ok"}
             try:
                 meta = verify_version_dir(d) if verify else check_version(d)
                 row.update(cell=meta.cell, hidden_size=meta.hidden_size, layers=meta.layers,
-                           val_loss=meta.metrics.get("val_loss"),
+                           val_loss=meta.metrics.get("val_loss"), metric=headline(meta.task, meta.metrics),
                            size=sum((d / f).stat().st_size for f in meta.onnx_files))
             except (OSError, ModelFormatError) as e:
                 row["status"] = f"broken: {e}"
@@ -86,11 +95,10 @@ def main_list(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'MODEL':24} {'VER':>4} {'CELL':6} {'HIDDEN':>6} {'LAYERS':>6} {'VAL_LOSS':>8} {'SIZE':>8}  DEFAULT  STATUS")
+    print(f"{'MODEL':24} {'VER':>4} {'CELL':6} {'HIDDEN':>6} {'LAYERS':>6} {'METRIC':20} {'SIZE':>8}  DEFAULT  STATUS")
     for r in rows:
-        vl = "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
         print(f"{r['model']:24} {r['version']:>4} {r['cell'] or '-':6} {r['hidden_size'] or '-':>6} "
-              f"{r['layers'] or '-':>6} {vl:>8} {human_size(r['size']) if r['size'] else '-':>8}  "
+              f"{r['layers'] or '-':>6} {r['metric'] or '-':20} {human_size(r['size']) if r['size'] else '-':>8}  "
               f"{'*' if r['default'] else '':7}  {r['status']}")
     if not rows:
         print(f"(no versions in {a.repo})")
