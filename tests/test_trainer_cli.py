@@ -252,13 +252,14 @@ def test_device_auto_cpu_and_cuda(run_dir: Path, tmp_path: Path) -> None:
     corpus = str(run_dir / "corpus.txt")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     auto, far = in_parallel(("rnn-train", "--data", corpus, "--out", str(tmp_path / "auto"), *TINY, "--steps", "2",
-                             "--device", "auto", "--no-progress"),
+                             "--device", "auto"),  # stderr is a pipe here: no bar without --no-progress either
                             ("rnn-train", "--data", corpus, "--out", str(tmp_path / "far"), *TINY, "--device",
                              f"cuda:{n}"))
     assert auto.returncode == 0, auto.stderr
     want = "cuda" if n else "cpu"
     assert re.search(rf"--device auto: {want} \((.+)\)", auto.stderr), auto.stderr
     assert re.search(rf"val chars on {want}\n", auto.stderr), auto.stderr
+    assert "step/s" not in auto.stderr and "%|" not in auto.stderr, auto.stderr  # the bar only on a terminal
     assert far.returncode == 2 and f"--device cuda:{n}" in one_error_line(far, "rnn-train")
     assert not (tmp_path / "far").exists()
 

@@ -194,7 +194,8 @@ def run_batch(args: BatchArgs) -> list[dict[str, Any]]:
     tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked from here
     results: dict[int, dict[str, Any]] = {}
     jobs = max(1, min(args.jobs, len(paths)))
-    with tqdm(total=len(paths), file=sys.stderr, unit="ckpt", disable=not args.progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(paths), file=sys.stderr, unit="ckpt", disable=not args.progress or not sys.stderr.isatty(),
+              dynamic_ncols=True) as bar:
         if jobs == 1:
             _worker_init()
             for i, p in enumerate(paths):

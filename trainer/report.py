@@ -105,8 +105,9 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def progress_bar(start: int, end: int, enabled: bool):
-    """A tqdm bar on stderr from step `start` to `end`, or None when disabled."""
-    if not enabled:
+    """A tqdm bar on stderr from step `start` to `end`; None when disabled or when stderr is not a terminal
+    (a log file or a pipe would get every redraw of the bar)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
