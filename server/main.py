@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console script entry point."""
     argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse(argv, os.environ)
+    if not settings.models.is_dir():  # checked here, not in parse: compose's settings name container paths
+        print(f"rnn-serve: error: --models {settings.models}: no such folder (the model repository; it may be "
+              "empty, and models published into it later are picked up)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.workers > 1:

@@ -295,8 +295,10 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
         problems.append(f"--gen-slice-ms must be > 0, got {s.gen_slice_ms}")
     if not s.feed_slice_ms > 0:
         problems.append(f"--feed-slice-ms must be > 0, got {s.feed_slice_ms}")
-    if s.metrics_port < -1:
-        problems.append(f"--metrics-port must be -1, 0 or a port, got {s.metrics_port}")
+    if not 0 <= s.port <= 65535:
+        problems.append(f"--port must be 0 (a free port) or a port up to 65535, got {s.port}")
+    if not -1 <= s.metrics_port <= 65535:
+        problems.append(f"--metrics-port must be -1 (off), 0 (a free port) or a port up to 65535, got {s.metrics_port}")
     if problems:
         ap.error("; ".join(problems))
     return s

@@ -20,18 +20,33 @@ from rnnserve.server.settings import Settings, parse
 BIN = Path(sys.executable).parent
 
 
-def test_settings_flags_override_env_override_defaults() -> None:
+def test_settings_flags_override_env_override_defaults(tmp_path: Path, capsys) -> None:
     assert parse([], {}) == Settings()
     env = {"RNNSERVE_PORT": "9001", "RNNSERVE_IDLE_TIMEOUT": "0", "RNNSERVE_SERVE_VERSIONS": "all",
-           "RNNSERVE_MODELS": "/srv/m"}
+           "RNNSERVE_MODELS": str(tmp_path)}
     s = parse(["--port", "0", "--max-batch", "8"], env)
-    assert (s.port, s.idle_timeout, s.serve_versions, s.models, s.max_batch) == (0, 0.0, 0, Path("/srv/m"), 8)
+    assert (s.port, s.idle_timeout, s.serve_versions, s.models, s.max_batch) == (0, 0.0, 0, tmp_path, 8)
     assert parse(["--serve-versions", "3"], {}).serve_versions == 3
     for bad in (["--device", "tpu"], ["--max-batch", "0"], ["--serve-versions", "0"], ["--grace", "-1"]):
         with pytest.raises(SystemExit):
             parse(bad, {})
+    for bad, said in ((["--port", "70000"], "--port must be 0"),  # gRPC would bind 70000 - 65536 = 4464
+                      (["--metrics-port", "-2"], "--metrics-port must be -1")):
+        with pytest.raises(SystemExit) as e:
+            parse(bad, {})
+        assert e.value.code == 2 and said in capsys.readouterr().err, bad
     with pytest.raises(SystemExit):
         parse([], {"RNNSERVE_PORT": "eighty"})
+
+
+def test_a_missing_model_repository_is_a_usage_error(tmp_path: Path) -> None:
+    """rnn-serve --models on a folder that does not exist stops at once (exit 2) naming the flag and the path,
+    rather than serving nothing; an empty folder is fine (models published into it are picked up)."""
+    r = subprocess.run([str(BIN / "rnn-serve"), "--models", str(tmp_path / "nope"), "--session-store", "memory"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.strip() == (f"rnn-serve: error: --models {tmp_path / 'nope'}: no such folder (the model "
+                                "repository; it may be empty, and models published into it later are picked up)")
 
 
 def test_a_broken_version_is_skipped_once_with_its_reason(tiny_repo: Path, tmp_path: Path, caplog) -> None:
