@@ -58,7 +58,7 @@ def gen_main(conn: Connection) -> None:
 async def _gen_loop(conn: Connection) -> None:
     import grpc.aio
     from rnnserve.client.aio import AsyncClient
-    from rnnserve.client.core import DEFAULT_OPTIONS
+    from rnnserve.client.connection import DEFAULT_OPTIONS
 
     loop = asyncio.get_running_loop()
     clients: list[AsyncClient] = []

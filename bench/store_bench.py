@@ -224,7 +224,7 @@ async def _open_many(target: str, model: str, n: int, concurrency: int, until: f
                      ) -> list[tuple[str, float]]:
     import grpc.aio
     from rnnserve.client.aio import AsyncClient
-    from rnnserve.client.core import DEFAULT_OPTIONS
+    from rnnserve.client.connection import DEFAULT_OPTIONS
 
     opts = [*DEFAULT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     clients = [AsyncClient(target, channel=grpc.aio.insecure_channel(target, options=opts)) for _ in range(2)]

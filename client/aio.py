@@ -11,7 +11,8 @@ import grpc.aio
 from ..v1 import rnnserve_pb2 as pb
 from ..v1 import rnnserve_pb2_grpc
 from . import core, frames
-from .core import Initial, Pem, RnnServeError, SessionCore
+from .connection import Pem, client_connection
+from .core import Initial, RnnServeError, SessionCore
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -138,7 +139,7 @@ class AsyncClient:
                  server_name: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        conn = core.client_connection(target, channel, metadata, token=token, tls=tls, ca=ca, cert=cert,
+        conn = client_connection(target, channel, metadata, token=token, tls=tls, ca=ca, cert=cert,
                                       key=key, server_name=server_name)
         self.metadata = list(conn.metadata)
         self._channel = channel or conn.channel(grpc.aio, target)

@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 
 from . import frames_cli
-from .core import RnnServeError, add_connection_flags, connection_settings, refusal_hint
+from .connection import add_connection_flags, connection_settings, refusal_hint
+from .core import RnnServeError
 from .interrupts import Interrupts
 from .lib import Client, Session
 

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .core import add_connection_flags, connection, connection_settings, refusal_hint
+from .connection import add_connection_flags, connection, connection_settings, refusal_hint
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 ENV_PREFIX = "RNNSERVE_HEALTH_"  # its own names: the server's container sets RNNSERVE_* for rnn-serve

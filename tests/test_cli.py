@@ -83,6 +83,8 @@ def cli(*args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     (["generate", "--temperature", "inf"], "argument --temperature: must be a number >= 0"),
     (["chat", "--seed", "-1"], "argument --seed: must be an integer from 0 to 18446744073709551615"),
     (["generate", "--version", "-1"], "argument --version: must be an integer >= 0 (0 = the default version)"),
+    (["--target", "127.0.0.1:70000", "models"],  # gRPC itself would dial 70000 - 65536 = 4464
+     "rnn-client: error: target 127.0.0.1:70000: the port must be a number from 1 to 65535, got '70000'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_values_name_the_flag(closed_port: str, argv: list[str], message: str) -> None:
     # against a closed port: exit 1 would mean the value got as far as the network

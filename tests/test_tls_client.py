@@ -242,37 +242,40 @@ def test_connection_settings_without_a_server(pki: Pki) -> None:
     """The pure part: loopback targets, token checks, flags against the environment, metadata composition."""
     import argparse
 
-    from rnnserve.client import core
+    from rnnserve.client import connection, core
 
-    assert all(map(core.is_loopback, ("127.0.0.1:8001", "localhost:1", "[::1]:8001", "dns:///localhost:80",
+    assert all(map(connection.is_loopback, ("127.0.0.1:8001", "localhost:1", "[::1]:8001", "dns:///localhost:80",
                                       "ipv4:127.0.0.2:5", "unix:/tmp/s")))
-    assert not any(map(core.is_loopback, ("10.0.0.1:8001", "example.com:443", "[2001:db8::1]:1", "dns:///a:1")))
+    assert not any(map(connection.is_loopback, ("10.0.0.1:8001", "example.com:443", "[2001:db8::1]:1", "dns:///a:1")))
     for bad in ("", "  ", "two words", "caf\u00e9", "line\nbreak"):
         with pytest.raises(ValueError, match="token") as exc:
-            core.bearer(bad)
+            connection.bearer(bad)
         assert bad.strip() == "" or bad not in str(exc.value)
-    conn = core.connection("127.0.0.1:1", [("authorization", "Bearer old"), ("x-a", "1")], token=" t0k ")
+    conn = connection.connection("127.0.0.1:1", [("authorization", "Bearer old"), ("x-a", "1")], token=" t0k ")
     assert conn.credentials is None and conn.metadata == (("x-a", "1"), ("authorization", "Bearer t0k"))
     assert core.routed(conn.metadata, "sid") == [*conn.metadata, (core.ROUTING_HEADER, "sid")]
-    assert core.connection("127.0.0.1:1", server_name="localhost").credentials is not None  # implies TLS
+    assert connection.connection("127.0.0.1:1", server_name="localhost").credentials is not None  # implies TLS
     with pytest.raises(ValueError, match="cert and key"):
-        core.connection("127.0.0.1:1", cert=pki.client_chain)
+        connection.connection("127.0.0.1:1", cert=pki.client_chain)
+    for bad in ("127.0.0.1:70000", "localhost:0", "localhost:abc", "[::1]:99999", "ipv4:127.0.0.1:1,127.0.0.1:65536"):
+        with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):  # gRPC: 70000 -> 4464
+            connection.connection(bad)
     with pytest.raises(ValueError, match="not with channel="):
         Client("127.0.0.1:1", channel=grpc.insecure_channel("127.0.0.1:1"), ca=pki.ca)
 
     p = argparse.ArgumentParser()
-    core.add_connection_flags(p, "X_")
+    connection.add_connection_flags(p, "X_")
     args = p.parse_args(["--tls-ca", str(pki.ca)])
     env = {"X_TOKEN": "from-env", "X_TLS": "on", "X_TLS_CLIENT_CERT": str(pki.client_chain),
            "X_TLS_CLIENT_KEY": str(pki.client_key), "X_TLS_SERVER_NAME": "localhost"}
-    got = core.connection_settings(args, "X_", env)
+    got = connection.connection_settings(args, "X_", env)
     assert got == {"token": "from-env", "tls": True, "ca": pki.ca.read_bytes(),
                    "cert": pki.client_chain.read_bytes(), "key": pki.client_key.read_bytes(),
                    "server_name": "localhost"}
-    assert core.connection_settings(p.parse_args(["--tls", "--token", "flag"]), "X_", {"X_TOKEN": "env"}) == \
+    assert connection.connection_settings(p.parse_args(["--tls", "--token", "flag"]), "X_", {"X_TOKEN": "env"}) == \
         {"token": "flag", "tls": True}
     with pytest.raises(ValueError, match=r"--tls \(from X_TLS\) must be 1 or 0"):
-        core.connection_settings(p.parse_args([]), "X_", {"X_TLS": "maybe"})
+        connection.connection_settings(p.parse_args([]), "X_", {"X_TLS": "maybe"})
     with pytest.raises(ValueError, match=r"--tls-key \(from X_TLS_CLIENT_KEY\) .*holds no PEM PRIVATE KEY"):
-        core.connection_settings(p.parse_args(["--tls-cert", str(pki.client_chain)]), "X_",
+        connection.connection_settings(p.parse_args(["--tls-cert", str(pki.client_chain)]), "X_",
                                  {"X_TLS_CLIENT_KEY": str(pki.ca)})
