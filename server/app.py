@@ -69,11 +69,13 @@ class App:
         self.metrics_port = -1
         self.metrics_http: MetricsEndpoint | None = None
         self.services: list[str] = []
+        self._engine_started = False
 
     async def start(self) -> None:
         """Load models, bind ports, start serving, mark health SERVING, write the port file."""
         s = self.settings
         await self.engine.start()
+        self._engine_started = True
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_send_bytes),
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
@@ -92,9 +94,12 @@ class App:
                               for name, protocol in protocols.items()})
         address = f"{s.host}:{s.port}"
         creds = server_credentials(s)
-        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc: "Failed to bind to address ..." (in use, or a host it cannot resolve)
+            raise OSError(f"--host {s.host} --port {s.port}: cannot listen there ({e})") from None
         if self.port == 0:
-            raise OSError(f"cannot bind {s.host}:{s.port}")
+            raise OSError(f"--host {s.host} --port {s.port}: cannot listen there")
         if not self.authenticator.enabled and not is_loopback(s.host):
             log.warning("listening on %s with no authentication: anyone who can reach this address can open, read "
                         "and close sessions; give --auth-tokens, --auth-jwks or --auth-mtls (see README, Security)",
@@ -103,7 +108,11 @@ class App:
         if s.metrics_port >= 0:
             self.metrics_http = MetricsEndpoint(self.metrics.registry,
                                                 authorize=self._metrics_authorized if s.metrics_auth else None)
-            self.metrics_port = await self.metrics_http.start(s.metrics_host, s.metrics_port)
+            try:
+                self.metrics_port = await self.metrics_http.start(s.metrics_host, s.metrics_port)
+            except OSError as e:
+                raise OSError(f"--metrics-host {s.metrics_host} --metrics-port {s.metrics_port}: cannot listen "
+                              f"there ({e.strerror or e})") from None
         await self._set_health(self.engine.ready)
         self.engine.on_models_changed.append(lambda: self._set_health(self.engine.ready))
         log.info("serving on %s:%d (metrics %s), models: %s", s.host, self.port,
@@ -111,6 +120,14 @@ class App:
                  ", ".join(mv.key for mv, _ in self.engine.list_models()) or "none")
         if s.port_file:
             write_port_file(s.port_file, self.port, self.metrics_port)
+
+    async def abandon(self) -> None:
+        """After a failed start: stop what did start (the gRPC server, the store's claim, the models)."""
+        if self.server is not None:
+            await self.server.stop(None)
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
+        await self.engine.stop(started=self._engine_started)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

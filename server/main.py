@@ -34,7 +34,7 @@ async def serve(settings: Settings) -> int:
         await app.start()
     except (OSError, RuntimeError, StoreUnavailable) as e:
         log.error("cannot start: %s", e)
-        await app.engine.stop(started=False)
+        await app.abandon()
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

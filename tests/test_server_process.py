@@ -49,6 +49,26 @@ def test_a_missing_model_repository_is_a_usage_error(tmp_path: Path) -> None:
                                 "repository; it may be empty, and models published into it later are picked up)")
 
 
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_names_the_flag_and_exits_cleanly(tiny_repo: Path, flag: str) -> None:
+    """A port already taken stops the start with exit 1 and one error naming the flags, and whatever had
+    started (the gRPC server, the models) is stopped: no traceback from a server left behind."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--metrics-port" if flag == "--port" else "--port"
+        r = subprocess.run([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--session-store", "memory",
+                            other, "0", flag, str(port)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
+    host = "--host 127.0.0.1" if flag == "--port" else "--metrics-host 127.0.0.1"
+    assert len(errors) == 1 and f"cannot start: {host} {flag} {port}: cannot listen there" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
 def test_a_broken_version_is_skipped_once_with_its_reason(tiny_repo: Path, tmp_path: Path, caplog) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo / "tiny", repo / "tiny")
