@@ -158,6 +158,23 @@ def test_usage_errors_exit_2_before_any_training(run_dir: Path, tmp_path: Path) 
         assert not (tmp_path / "out" / "ckpt.pt").exists(), argv
 
 
+def test_export_flags_no_repository_takes_are_usage_errors(run_dir: Path, tmp_path: Path) -> None:
+    """rnn-export --name or --version that no repository takes: exit 2 naming the flag, before any work; a
+    --repo that cannot be created: exit 1 naming --repo (writing the repository failed). Nothing published."""
+    ckpt, repo = str(run_dir / "run" / "ckpt.pt"), str(tmp_path / "m")
+    (tmp_path / "a-file").write_text("x")
+    name, version, unwritable = in_parallel(("rnn-export", ckpt, "--repo", repo, "--name", "../evil"),
+                                            ("rnn-export", ckpt, "--repo", repo, "--version", "0"),
+                                            ("rnn-export", ckpt, "--repo", str(tmp_path / "a-file" / "m")))
+    assert name.returncode == 2 and name.stderr.splitlines()[-1].startswith(
+        "rnn-export: error: argument --name: model name '../evil' must match "), name.stderr
+    assert version.returncode == 2 and version.stderr.splitlines()[-1] == (
+        "rnn-export: error: argument --version: must be a positive integer (or left out: the next free one), got 0")
+    assert unwritable.returncode == 1 and one_error_line(unwritable, "rnn-export") == (
+        f"--repo {tmp_path / 'a-file' / 'm'}: cannot create the model repository (Not a directory)")
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_run_that_fails_after_it_started_exits_1(run_dir: Path, tmp_path: Path) -> None:
     """Diverged (the loss turns inf at step 2 with a huge learning rate): exit 1, ckpt.pt still holds step 1,
     not the broken weights. A checkpoint that cannot be written (ckpt.pt is a folder): exit 1, one line."""

@@ -72,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return main_list(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version is not None and args.version < 1:
+        parser.error(f"argument --version: must be a positive integer (or left out: the next free one), got "
+                     f"{args.version}")
+    if args.name is not None:
+        try:
+            check_name(args.name)
+        except ValueError as e:
+            parser.error(f"argument --name: {e}")
     credentials = load_credentials(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -86,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from .export import default_name, export_checkpoint
 
         name = check_name(args.name or default_name(args.checkpoint))
+        try:
+            Path(args.repo).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"--repo {args.repo}: cannot create the model repository ({e.strerror or e})") from None
         if args.promote != "always":
             pin(args.repo, name)
         path = export_checkpoint(args.checkpoint, args.repo, name, args.version, eval_text=text,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..client.core import add_connection_flags, connection_settings
+from ..client.connection import add_connection_flags, connection_settings
 from ..server.contract import (
     DEFAULT_FILE,
     DefaultPointer,
@@ -213,7 +213,7 @@ def load_on_server(target: str, name: str, version: int, timeout: float = 60.0, 
     `version` is READY and which version is the default; LoadError otherwise."""
     import grpc
 
-    from ..client.core import connection, refusal_hint
+    from ..client.connection import connection, refusal_hint
     from ..server.kserve.descriptors import SERVICE, messages
 
     pb = messages()
