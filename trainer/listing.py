@@ -50,7 +50,10 @@ def headline(task: str, metrics: Mapping[str, Any]) -> str | None:
     classifier's test accuracy, a forecaster's test RMSE."""
     key, fmt = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}.get(
         task, ("val_loss", "{:.4f}"))
-    return f"{key} {fmt.format(metrics[key])}" if key in metrics else None
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):  # absent, null (no validation ran), ...
+        return None
+    return f"{key} {fmt.format(value)}"
 
 
 def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
