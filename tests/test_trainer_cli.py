@@ -148,6 +148,7 @@ def test_usage_errors_exit_2_before_any_training(run_dir: Path, tmp_path: Path) 
         ("--data", corpus, "--out", str(tmp_path / "a-file")): f"--out {tmp_path / 'a-file'}: cannot write the "
                                                                 "run folder there",
         ("--data", corpus, "--batch", "400"): "cannot fill --batch 400 streams of one --seq-len 8-token chunk",
+        ("--data", corpus, "--seed", "-1"): "--seed must be an integer from 0 to 4294967295, got -1",
     }
     out = ("--out", str(tmp_path / "out"))
     results = in_parallel(*[("rnn-train", *TINY, "--no-progress", *(() if "--out" in argv else out), *argv)
@@ -173,6 +174,18 @@ def test_export_flags_no_repository_takes_are_usage_errors(run_dir: Path, tmp_pa
     assert unwritable.returncode == 1 and one_error_line(unwritable, "rnn-export") == (
         f"--repo {tmp_path / 'a-file' / 'm'}: cannot create the model repository (Not a directory)")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_model_too_big_to_build_is_one_error_line(run_dir: Path, tmp_path: Path) -> None:
+    """--hidden 10^9 asks torch for 4 EB of weights: exit 1 with one line saying so and which flags to
+    shrink, no traceback, and no run folder left behind."""
+    r = cli("rnn-train", "--data", str(run_dir / "corpus.txt"), "--out", str(tmp_path / "big"), *TINY,
+            "--hidden", "1000000000", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    line = one_error_line(r, "rnn-train")
+    assert "can't allocate memory" in line and "while setting up the run, before step 1; --hidden, --layers, " \
+        "--embed or --batch may be too large for this machine" in line, line
+    assert not (tmp_path / "big" / "ckpt.pt").exists()
 
 
 def test_a_run_that_fails_after_it_started_exits_1(run_dir: Path, tmp_path: Path) -> None:

@@ -248,6 +248,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainArgs, dict[str, Any] | None
     if args.val_streams < 1 or not math.isfinite(args.clip):
         raise TrainError(f"--val-streams must be >= 1 and --clip a number, got {args.val_streams}, "
                          f"{args.clip}")
+    if not 0 <= args.seed <= 2**32 - 1:  # numpy's seed range; torch's is wider
+        raise TrainError(f"--seed must be an integer from 0 to {2**32 - 1}, got {args.seed}")
     if args.stop_at is not None and args.stop_at < 1:
         raise TrainError(f"--stop-at must be a step >= 1, got {args.stop_at}")
     if not DEVICE.fullmatch(args.device):

@@ -299,6 +299,13 @@ def _train(argv: list[str] | None) -> int:
     except SETUP_ERRORS as e:
         print(f"rnn-train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RUN_ERRORS as e:  # torch or the system failed while building the run (a model too big to allocate)
+        log.debug("setting up the run failed", exc_info=True)
+        hint = ("; --hidden, --layers, --embed or --batch may be too large for this machine"
+                if isinstance(e, MemoryError) or "allocate" in str(e) else "")
+        print(f"rnn-train: error: {_one_line(e)} (while setting up the run, before step 1{hint}; --log-level "
+              "DEBUG shows the traceback)", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:  # outside the main thread (no signal handler): before training, nothing saved
         print("rnn-train: interrupted before training started", file=sys.stderr)
         return EXIT_INTERRUPTED
