@@ -203,7 +203,8 @@ def test_export_cli_measures_an_eval_set(tmp_path: Path) -> None:
     r = subprocess.run([str(BIN / "rnn-export"), str(ckpt), "--repo", str(tmp_path / "models"),
                         "--eval-corpus", str(tmp_path / "test.csv")], check=False, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 1 and "is a sequence model: evaluate it with --eval-series" in r.stderr
+    # an eval flag of the other kind is a usage error (exit 2), as a missing or unusable one is
+    assert r.returncode == 2 and "is a sequence model: evaluate it with --eval-series, not --eval-corpus" in r.stderr
 
 
 def test_shipped_vector_model_meets_its_stated_accuracy() -> None:

@@ -31,7 +31,7 @@ from . import checkpoint
 from . import gen_graph as gg
 from . import onnx_graph as og
 from .model import RNNModel
-from .publish import ExportError, check_name, write_version
+from .publish import ExportError, FlagMismatch, check_name, write_version
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def export_checkpoint(ckpt_path: str | Path, repo: str | Path, name: str, versio
     source = {"checkpoint": str(Path(ckpt_path).resolve()), "checkpoint_sha256": sha256_file(ckpt_path)}
     if loaded.is_series:
         if eval_text is not None:
-            raise ExportError(f"{ckpt_path} is a sequence model: evaluate it with --eval-series, not a text corpus")
+            raise FlagMismatch(f"{ckpt_path} is a sequence model: evaluate it with --eval-series, not "
+                               "--eval-corpus")
         from .series import load_series
         from .series_export import export_series_model
 
@@ -120,7 +121,7 @@ def export_checkpoint(ckpt_path: str | Path, repo: str | Path, name: str, versio
         return export_series_model(loaded.model, info, repo, name, version, metrics=loaded.metrics, source=source,
                                    eval_set=data)
     if eval_series is not None:
-        raise ExportError(f"{ckpt_path} is a text model: evaluate it with --eval-corpus, not --eval-series")
+        raise FlagMismatch(f"{ckpt_path} is a text model: evaluate it with --eval-corpus, not --eval-series")
     return export_model(loaded.model, loaded.vocab, repo, name, version, metrics=loaded.metrics,
                         eval_text=eval_text, source=source, step_tol=step_tol, seq_tol=seq_tol)
 

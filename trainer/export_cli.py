@@ -30,9 +30,10 @@ def _bad_input(e: BaseException) -> bool:
     """A checkpoint, --eval-corpus or --eval-series that cannot be used: a usage error (exit 2)."""
     from .checkpoint import CheckpointError
     from .data import CorpusError
+    from .publish import FlagMismatch
     from .series import SeriesError
 
-    return isinstance(e, (CheckpointError, CorpusError, SeriesError))
+    return isinstance(e, (CheckpointError, CorpusError, SeriesError, FlagMismatch))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         from .export import default_name, export_checkpoint
 
         name = check_name(args.name or default_name(args.checkpoint))
-        try:
-            Path(args.repo).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"--repo {args.repo}: cannot create the model repository ({e.strerror or e})") from None
         if args.promote != "always":
             pin(args.repo, name)
         path = export_checkpoint(args.checkpoint, args.repo, name, args.version, eval_text=text,
                                  eval_series=args.eval_series)
     except (ValueError, OSError) as e:  # ExportError, CheckpointError, CorpusError, ModelFormatError, I/O
+        if isinstance(e, OSError) and not Path(args.repo).is_dir():  # the repository itself could not be made
+            e = OSError(f"--repo {args.repo}: cannot create the model repository ({e.strerror or e})")
         print(f"rnn-export: error: {e}", file=sys.stderr)
         return 2 if _bad_input(e) else 1
     except KeyboardInterrupt:

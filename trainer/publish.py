@@ -27,6 +27,10 @@ class ExportError(ValueError):
     """An export refused (bad input or a failed check); nothing was written."""
 
 
+class FlagMismatch(ExportError):
+    """The command line asks for what this checkpoint cannot do (an eval flag of the other kind): exit 2."""
+
+
 def check_name(name: Any) -> str:
     """A model name as the repository takes it (letters, digits, . _ -), or ExportError."""
     if not isinstance(name, str) or not NAME_RE.match(name):
