@@ -111,7 +111,11 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main_batch(["--from-file", str(tmp_path / "missing.txt")])
     assert e.value.code == 2 and "missing.txt" in capsys.readouterr().err
-    assert main_list([str(tmp_path / "nope")]) == 1 and "does not exist" in capsys.readouterr().err
+    assert main_list([str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a name no repository takes: refused before any export
+        main_batch([str(tmp_path / "x.pt"), "--repo", str(tmp_path / "m"), "--name", "../x"])
+    assert e.value.code == 2 and "argument --name: model name '../x' must match" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def _batch(args: list[str], **kw) -> subprocess.Popen:

@@ -290,6 +290,11 @@ def main_batch(argv: list[str]) -> int:
         parser.error("no checkpoints given (paths, globs or --from-file)")
     if a.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.name is not None:
+        try:
+            check_name(a.name)
+        except ValueError as e:
+            parser.error(f"argument --name: {e}")
     credentials = load_credentials(parser, a)
     args = BatchArgs(tuple(items), a.repo, a.name, a.jobs, a.eval_corpus, a.report, a.force, not a.no_progress,
                      a.promote)
@@ -297,6 +302,8 @@ def main_batch(argv: list[str]) -> int:
     try:
         rows = run_batch(args)
     except (ValueError, OSError) as e:  # the eval corpus or the repository itself
+        if isinstance(e, OSError) and not Path(a.repo).is_dir():
+            e = OSError(f"--repo {a.repo}: cannot create the model repository ({e.strerror or e})")
         print(f"rnn-export batch: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

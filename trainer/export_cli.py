@@ -153,7 +153,7 @@ def main_promote(argv: list[str]) -> int:
     credentials = load_credentials(p, a)
     if not Path(a.repo).is_dir():
         print(f"rnn-export promote: error: repository {a.repo} does not exist or is not a folder", file=sys.stderr)
-        return 1
+        return 2  # a usage error: the command line names a folder that is not there
     try:
         decision = promote(a.repo, check_name(a.name), a.version, a.reason)
         print(f"{a.name} version {a.version} is the default: {decision.reason}")

@@ -93,7 +93,7 @@ def main_list(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if not Path(a.repo).is_dir():
         print(f"rnn-export list: error: repository {a.repo} does not exist or is not a folder", file=sys.stderr)
-        return 1
+        return 2  # a usage error: the command line names a folder that is not there
     rows = scan(a.repo, a.verify)
     if a.json:
         print(json.dumps(rows, indent=1))
