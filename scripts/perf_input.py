@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.output is None:
             sys.stdout.write(out)
         else:
-            a.output.write_text(out, encoding="utf-8")
+            try:
+                a.output.write_text(out, encoding="utf-8")
+            except OSError as e:
+                raise OSError(f"--output {a.output}: cannot write it ({e.strerror or e})") from None
     except (ValueError, OSError) as e:  # ModelFormatError is a ValueError
         print(f"perf_input.py: error: {e}", file=sys.stderr)
         return 1

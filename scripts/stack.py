@@ -383,6 +383,10 @@ def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout) -> int:
                     "folder, removed at the end); the same folder again brings the sessions back")
     ap.add_argument("--log-level", default="INFO", help="the stack's own logging level")
     args, server_flags = ap.parse_known_args(argv)
+    if args.replicas < 1:
+        ap.error(f"--replicas must be >= 1, got {args.replicas}")
+    if not args.models.is_dir():
+        ap.error(f"--models {args.models}: no such folder")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()

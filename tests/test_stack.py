@@ -42,6 +42,15 @@ GEN_TOKENS = 8  # tokens per generate request, asked for one per chunk
 LOSS_STEPS = 4  # kill -9 under --state-sync step: acknowledged steps a restore may lack (writes still queued)
 
 
+def test_stack_script_usage_errors(capsys) -> None:
+    """scripts/stack.py refuses what it cannot start, naming the flag, before starting anything (exit 2)."""
+    for argv, said in ((["--replicas", "0"], "--replicas must be >= 1, got 0"),
+                       (["--models", "/nonexistent"], "--models /nonexistent: no such folder")):
+        with pytest.raises(SystemExit) as e:
+            stack_mod.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err, argv
+
+
 # -- helpers -------------------------------------------------------------------------------------------------
 def holder(r: redis.Redis, sid: str) -> tuple[str, int]:
     """(replica holding the session, its epoch) in the store; the epoch grows by one at every claim."""

@@ -172,3 +172,7 @@ def test_perf_input_files_are_accepted_by_the_model(tmp_path: Path, tiny_repo: P
     assert missing.returncode == 1 and "nope" in missing.stderr
     usage = perf_input("tiny", "--repo", str(repo), "--streams", "0")
     assert usage.returncode == 2 and "--streams" in usage.stderr
+    unwritable = perf_input("tiny", "--repo", str(repo), "-o", str(tmp_path / "no-such-dir" / "x.json"))
+    assert unwritable.returncode == 1 and unwritable.stderr.strip() == (
+        f"perf_input.py: error: --output {tmp_path / 'no-such-dir' / 'x.json'}: cannot write it (No such file or "
+        "directory)")
