@@ -1,6 +1,7 @@
 """For the serving benches: pick the model to serve, start rnn-serve or a ceiling server, wait for its port, stop it."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -16,6 +17,28 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+def count(text: str) -> int:
+    """argparse type of a count flag (rounds, sessions, calls...): an integer >= 1, or a usage error naming it."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type of a duration flag: a finite number of seconds > 0, or a usage error naming it."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def find_model(repo: Path, name: str | None = None) -> tuple[dict, Path] | None:

@@ -309,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=_procs.ROOT / "models", help="model repository")
     parser.add_argument("--model", action="append", default=None,
                         help=f"model to measure, repeatable (default: {', '.join(MODELS)})")
-    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one measured window")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--seconds", type=_procs.seconds, default=1.0, help="duration of one measured window")
+    parser.add_argument("--rounds", type=_procs.count, default=3,
                         help="interleaved windows per point (and prefix-cache rounds); the best is reported")
-    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per generate request")
-    parser.add_argument("--chunk-tokens", type=int, default=Settings().chunk_tokens,
+    parser.add_argument("--max-tokens", type=_procs.count, default=256, help="tokens per generate request")
+    parser.add_argument("--chunk-tokens", type=_procs.count, default=Settings().chunk_tokens,
                         help="the server's --chunk-tokens, and K of the generate.onnx ceiling")
     parser.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. '--ort-gen-threads 1'")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")

@@ -244,13 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=Path, default=_procs.ROOT / "models", help="model repository")
     p.add_argument("--model", help="model name (default: the one _procs.find_model picks)")
-    p.add_argument("--rounds", type=int, default=3, help="alone+flood window pairs (default 3)")
-    p.add_argument("--window", type=float, default=3.5, help="seconds of one window (default 3.5)")
-    p.add_argument("--sessions", type=int, default=16, help="ping-pong sessions (default 16)")
+    p.add_argument("--rounds", type=_procs.count, default=3, help="alone+flood window pairs (default 3)")
+    p.add_argument("--window", type=_procs.seconds, default=3.5, help="seconds of one window (default 3.5)")
+    p.add_argument("--sessions", type=_procs.count, default=16, help="ping-pong sessions (default 16)")
     p.add_argument("--top-k", type=int, default=5, help="top-k of each ping-pong step (default 5)")
-    p.add_argument("--tokens", type=int, default=200_000, help="token ids per flood feed (default 200,000)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds after the flood before RSS 'after'")
-    p.add_argument("--drain-timeout", type=float, default=300.0,
+    p.add_argument("--tokens", type=_procs.count, default=200_000, help="token ids per flood feed (default 200,000)")
+    p.add_argument("--settle", type=_procs.seconds, default=3.0, help="seconds after the flood before RSS 'after'")
+    p.add_argument("--drain-timeout", type=_procs.seconds, default=300.0,
                    help="longest wait for a flood feed or ping-pong step to be answered (s)")
     p.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                    help="one extra rnn-serve flag, repeatable: --server-flag=--max-feed-tokens=262144")

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     """Measure and print; exit 0 whatever the goal says (a benchmark, not a test)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=Path, default=_procs.ROOT / "models")
-    ap.add_argument("--sessions", type=int, default=64)
-    ap.add_argument("--window", type=float, default=3.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sessions", type=_procs.count, default=64)
+    ap.add_argument("--window", type=_procs.seconds, default=3.0)
+    ap.add_argument("--rounds", type=_procs.count, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="japanese-vowels", help="a vector model (default japanese-vowels)")
     ap.add_argument("--csv", type=Path, default=ROOT / "data" / "japanese_vowels" / "test.csv",
                     help="frames the devices stream (default: the shipped model's test split)")
-    ap.add_argument("--devices", type=int, nargs="+", default=[64, 1000], help="concurrent devices per point")
-    ap.add_argument("--frames", type=int, default=6400,
+    ap.add_argument("--devices", type=_procs.count, nargs="+", default=[64, 1000], help="concurrent devices per point")
+    ap.add_argument("--frames", type=_procs.count, default=6400,
                     help="frames per point per protocol per round, all devices together (at least 8 requests a device)")
-    ap.add_argument("--chunk", type=int, default=1,
+    ap.add_argument("--chunk", type=_procs.count, default=1,
                     help="frames per request (default 1: a device sends each frame as it comes)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs both protocols of every point")
-    ap.add_argument("--seconds", type=float, default=1.0, help="onnxruntime ceiling: seconds per batch size")
+    ap.add_argument("--rounds", type=_procs.count, default=3, help="rounds; each runs both protocols of every point")
+    ap.add_argument("--seconds", type=_procs.seconds, default=1.0, help="onnxruntime ceiling: seconds per batch size")
     ap.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. \"--max-wait-ms 1\"")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)

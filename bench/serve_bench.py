@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=_procs.ROOT / "models",
                         help="model repository (default models/; a random Elman H=512 one if it is empty)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="duration of one measured window")
-    parser.add_argument("--rounds", type=int, default=4,
+    parser.add_argument("--seconds", type=_procs.seconds, default=1.0, help="duration of one measured window")
+    parser.add_argument("--rounds", type=_procs.count, default=4,
                         help="interleaved windows per point; the best is reported (default 4)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per generate request")
+    parser.add_argument("--max-tokens", type=_procs.count, default=256, help="tokens per generate request")
     parser.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. '--max-wait-ms 1'")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
