@@ -73,12 +73,15 @@ def traced_reference(config: ModelConfig) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=100, help="checkpoints (default 100)")
-    p.add_argument("--cell", default="elman")
+    p.add_argument("--cell", choices=("elman", "gru", "lstm"), default="elman")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--no-reference", action="store_true", help="skip the traced-export reference")
     a = p.parse_args()
+    for flag, value in (("-n", a.n), ("--hidden", a.hidden), ("--layers", a.layers), ("--jobs", a.jobs)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     config = ModelConfig(vocab_size=len(VOCAB), cell=a.cell, hidden_size=a.hidden, layers=a.layers, embed_size=64)
     with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
         work = Path(tmp)

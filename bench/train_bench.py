@@ -191,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "tinyshakespeare.txt"))
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    for name in ("hidden", "embed", "batch", "seq_len", "steps", "rounds", "q_steps", "val_chars"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.threads < 0:
+        p.error(f"--warmup and --threads must be >= 0, got {args.warmup}, {args.threads}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     fused.set_enabled(not args.no_fused)
