@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="feed a prompt and stream the continuation", epilog=EXIT_STATUS)
     sampling(gen, 200, "none", "seed for reproducible sampling, 0..2^64-1 (default: random)")
     gen.add_argument("--prompt", default="", help="text fed before generating, echoed with the answer "
-                                                  "(default: none)")
+                                                  "(default: none: a new session starts after a newline)")
     gen.add_argument("--keep", action="store_true",
                      help="keep a new session open afterwards and print its id (for --session)")
     chat = sub.add_parser("chat", help=f"a REPL on one session: {CHAT_HELP}",
@@ -192,9 +192,12 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     s = _open(client, args)
     keep = bool(args.session) or args.keep
     try:
-        if args.prompt:
+        # a new session has no distribution to sample from until it is fed: with no prompt it starts as a
+        # line does (a newline, not echoed) when the model knows one; a resumed session goes on from its own
+        start = args.prompt or ("\n" if not s.steps and "\n" in (s.model.vocab or ()) else "")
+        if start:
             with _intr.reading(s):
-                s.feed(args.prompt, output="none")
+                s.feed(start, output="none")
         _generate(s, args, args.stop or (), args.seed, args.prompt)
         _out.write("\n")
     except RnnServeError:

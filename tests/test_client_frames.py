@@ -174,6 +174,9 @@ def test_cli_generate_without_a_model_takes_the_first_text_model(served: Served,
     r = cli("--target", served.url, "generate", "--prompt", tiny.vocab[1], "--max-tokens", "5", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(tiny.vocab[1]) and set(r.stdout.rstrip("\n")) <= set(tiny.vocab), r.stdout
+    assert "\n" in tiny.vocab
+    r = cli("--target", served.url, "generate", "--max-tokens", "5", "--seed", "1")  # no prompt: after a newline
+    assert r.returncode == 0 and len(r.stdout) == 6 and set(r.stdout) <= set(tiny.vocab), (r.stdout, r.stderr)
     with rnn_serve(vector_repo, tmp_path, "--session-store", "memory") as target:
         r = cli("--target", target, "generate", "--prompt", "a", "--max-tokens", "5")
     assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout)
