@@ -18,7 +18,7 @@ import grpc
 
 from . import frames_cli
 from .connection import add_connection_flags, connection_settings, refusal_hint
-from .core import RnnServeError
+from .core import RnnServeError, headline
 from .interrupts import Interrupts
 from .lib import Client, Session
 
@@ -285,15 +285,6 @@ def cmd_chat(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
-def _quality(m: Any) -> str:
-    """A model's headline figure: val_loss (language models), test accuracy or error (vector models)."""
-    headline = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}
-    for key, fmt in (headline.get(m.task, ("", "")), ("val_loss", "{:.4f}")):
-        if key in m.metrics:
-            return f"{key} " + fmt.format(m.metrics[key])
-    return "-"
-
-
 def cmd_models(client: Client, args: argparse.Namespace) -> int:
     """One line per loaded model version: its input (characters or frames of F floats) and task too."""
     rows = [("NAME", "VERSION", "CELL", "HIDDEN", "LAYERS", "STATE", "INPUT", "TASK", "METRIC", "DEFAULT")]
@@ -302,7 +293,7 @@ def cmd_models(client: Client, args: argparse.Namespace) -> int:
         given = f"{m.features} floats" if vector else f"{len(m.vocab)} chars"
         task = f"classify ({len(m.classes)})" if m.task == "classify" else (m.task or "lm")
         rows.append((m.name, str(m.version), m.cell, str(m.hidden_size), str(m.layers), str(m.state_size),
-                     given, task, _quality(m), "yes" if m.latest else ""))
+                     given, task, headline(m.task, m.metrics) or "-", "yes" if m.latest else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -9,8 +9,7 @@ clients only move these messages over a channel.
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +23,20 @@ _INITIALS = {"model": pb.INITIAL_STATE_MODEL, "zeros": pb.INITIAL_STATE_ZEROS}
 
 ROUTING_HEADER = "x-rnnserve-session"  # a balancer hashes on it, so a session's requests reach one replica
 
-log = logging.getLogger(__name__)
-
 Initial = str | Sequence[float]
 """Where a sequence starts: "model" (the model's own initial state), "zeros", or a state vector."""
+
+
+def headline(task: str, metrics: Mapping[str, Any]) -> str | None:
+    """A model's headline figure from its metrics: a classifier's test accuracy, a forecaster's test RMSE, else
+    (and for a language model) the validation loss; None when none is recorded (or null: no validation ran).
+    What `rnn-client models` and `rnn-export list` show."""
+    own = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}.get(task)
+    for key, fmt in (*([own] if own else []), ("val_loss", "{:.4f}")):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"{key} {fmt.format(value)}"
+    return None
 
 
 class RnnServeError(Exception):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..client.core import headline
 from ..server.contract import (
     DEFAULT_FILE,
     ModelFormatError,
@@ -43,17 +43,6 @@ def default_of(name_dir: Path, usable: list[int]) -> tuple[int | None, str]:
     if not usable:
         return None, problem
     return usable[-1], f"highest version ({problem or f'no {DEFAULT_FILE}'})"
-
-
-def headline(task: str, metrics: Mapping[str, Any]) -> str | None:
-    """A version's headline figure, as `rnn-client models` shows it: a language model's validation loss, a
-    classifier's test accuracy, a forecaster's test RMSE."""
-    key, fmt = {"classify": ("test_accuracy", "{:.1%}"), "forecast": ("test_rmse", "{:.4g}")}.get(
-        task, ("val_loss", "{:.4f}"))
-    value = metrics.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):  # absent, null (no validation ran), ...
-        return None
-    return f"{key} {fmt.format(value)}"
 
 
 def scan(repo: str | Path, verify: bool = False) -> list[dict[str, Any]]:
