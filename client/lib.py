@@ -130,8 +130,8 @@ class Client:
                  server_name: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        conn = client_connection(target, channel, metadata, token=token, tls=tls, ca=ca, cert=cert,
-                                      key=key, server_name=server_name)
+        conn = client_connection(target, channel, metadata, token=token, tls=tls, ca=ca, cert=cert, key=key,
+                                 server_name=server_name)
         self.metadata = list(conn.metadata)
         self._channel = channel or conn.channel(grpc, target)
         self._stub = rnnserve_pb2_grpc.RnnServeStub(self._channel)

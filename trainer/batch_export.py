@@ -34,7 +34,7 @@ from ..server.contract import (
 from .export import default_name
 from .listing import human_size
 from .promote import add_promotion_flags, apply_rule, load_after_publish, load_credentials, pin
-from .publish import check_name
+from .publish import check_name, name_arg, naming_repo
 
 STATUSES = ("ok", "skipped", "failed")
 PARITY_KEYS = ("step", "sequence_vs_step", "sequence_vs_torch")  # model.json "checks": max abs differences
@@ -265,7 +265,7 @@ def batch_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*", help="checkpoint files or globs (quote globs: 'runs/*/ckpt.pt')")
     p.add_argument("--from-file", help="a file listing checkpoints or globs, one a line (# comments)")
     p.add_argument("--repo", default="models", help="model repository folder (default: models)")
-    p.add_argument("--name", help="publish every checkpoint under this name (default: each one's stem/folder)")
+    p.add_argument("--name", type=name_arg, help="publish every checkpoint under this name (default: each one's stem/folder)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--eval-corpus", help="record onnxruntime's val loss on the last 10%% of this corpus")
     p.add_argument("--report", help="write a JSON report here")
@@ -290,11 +290,6 @@ def main_batch(argv: list[str]) -> int:
         parser.error("no checkpoints given (paths, globs or --from-file)")
     if a.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {a.jobs}")
-    if a.name is not None:
-        try:
-            check_name(a.name)
-        except ValueError as e:
-            parser.error(f"argument --name: {e}")
     credentials = load_credentials(parser, a)
     args = BatchArgs(tuple(items), a.repo, a.name, a.jobs, a.eval_corpus, a.report, a.force, not a.no_progress,
                      a.promote)
@@ -302,8 +297,7 @@ def main_batch(argv: list[str]) -> int:
     try:
         rows = run_batch(args)
     except (ValueError, OSError) as e:  # the eval corpus or the repository itself
-        if isinstance(e, OSError) and not Path(a.repo).is_dir():
-            e = OSError(f"--repo {a.repo}: cannot create the model repository ({e.strerror or e})")
+        e = naming_repo(e, a.repo)
         print(f"rnn-export batch: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from .promote import (
     load_credentials,
     pin,
 )
-from .publish import check_name
+from .publish import check_name, name_arg, naming_repo
 
 
 def _bad_input(e: BaseException) -> bool:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "that is missing or cannot be used; 130 interrupted")
     p.add_argument("checkpoint", help="checkpoint file written by rnn-train")
     p.add_argument("--repo", default="models", help="model repository folder (default: models)")
-    p.add_argument("--name", help="model name (default: the checkpoint's stem, or its folder for ckpt.pt)")
+    p.add_argument("--name", type=name_arg, help="model name (default: the checkpoint's stem, or its folder for ckpt.pt)")
     p.add_argument("--version", type=int, help="version number (default: the next free one)")
     p.add_argument("--eval-corpus", help="UTF-8 corpus: record onnxruntime's loss on its last 10%% as val_loss "
                    "(default: none: val_loss stays the one rnn-train recorded)")
@@ -76,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.version is not None and args.version < 1:
         parser.error(f"argument --version: must be a positive integer (or left out: the next free one), got "
                      f"{args.version}")
-    if args.name is not None:
-        try:
-            check_name(args.name)
-        except ValueError as e:
-            parser.error(f"argument --name: {e}")
     credentials = load_credentials(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -100,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_checkpoint(args.checkpoint, args.repo, name, args.version, eval_text=text,
                                  eval_series=args.eval_series)
     except (ValueError, OSError) as e:  # ExportError, CheckpointError, CorpusError, ModelFormatError, I/O
-        if isinstance(e, OSError) and not Path(args.repo).is_dir():  # the repository itself could not be made
-            e = OSError(f"--repo {args.repo}: cannot create the model repository ({e.strerror or e})")
+        e = naming_repo(e, args.repo)
         print(f"rnn-export: error: {e}", file=sys.stderr)
         return 2 if _bad_input(e) else 1
     except KeyboardInterrupt:

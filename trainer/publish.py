@@ -6,6 +6,7 @@ distinct versions, and a crash or `kill -9` leaves only a `.tmp-*` folder that n
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -36,6 +37,21 @@ def check_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ExportError(f"model name {name!r} must match {NAME_RE.pattern} (letters, digits, . _ -)")
     return name
+
+
+def name_arg(text: str) -> str:
+    """argparse type of --name: a usage error naming the flag for a name no repository takes."""
+    try:
+        return check_name(text)
+    except ExportError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def naming_repo(e: BaseException, repo: str | Path) -> BaseException:
+    """An export's OSError when the repository folder itself could not be made, reworded to name --repo."""
+    if isinstance(e, OSError) and not Path(repo).is_dir():
+        return OSError(f"--repo {repo}: cannot create the model repository ({e.strerror or e})")
+    return e
 
 
 def temp_dir(name_dir: Path) -> Path:
