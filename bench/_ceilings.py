@@ -7,7 +7,6 @@ transport (echo) and our protocol's message handling (nothing) cost without any 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import rnnserve.v1.rnnserve_pb2 as pb
+from rnnserve.server import loops
+from rnnserve.server.settings import EVENT_LOOPS
 from rnnserve.v1 import rnnserve_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("echo", "nothing"))
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto", help="as rnn-serve's --event-loop")
     args = parser.parse_args()
     try:
-        asyncio.run(serve(args.kind, args.port_file))
+        loops.run(lambda: serve(args.kind, args.port_file), args.event_loop)
     except KeyboardInterrupt:
         pass
 

@@ -123,9 +123,9 @@ def start(name: str, argv: list[str], port_file_flag: str = "--port-file") -> Se
     return ServerProc(name, proc, port, workdir)
 
 
-def start_ceiling(kind: str) -> ServerProc:
-    """The echo or do-nothing server of bench/_ceilings.py."""
-    return start(kind, [sys.executable, str(HERE / "_ceilings.py"), kind])
+def start_ceiling(kind: str, event_loop: str = "auto") -> ServerProc:
+    """The echo or do-nothing server of bench/_ceilings.py, on the event loop rnn-serve's --event-loop names."""
+    return start(kind, [sys.executable, str(HERE / "_ceilings.py"), kind, "--event-loop", event_loop])
 
 
 def start_rnn_serve(models: Path, *extra: str) -> ServerProc:

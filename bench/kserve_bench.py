@@ -17,6 +17,7 @@ kserve / null (goals: unary >= 0.7x; stream >= 0.9x at 64 sequences and >= 0.8x 
 
     .venv/bin/python bench/kserve_bench.py --models models [--model NAME] [--mode stream|unary|both]
         [--sessions 64 1] [--clients 16 64] [--rounds 5] [--serve-args "--session-store memory"]
+        [--event-loop auto|uvloop|asyncio]
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import _procs
+from rnnserve.server import loops
+from rnnserve.server.settings import EVENT_LOOPS
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -197,9 +200,9 @@ async def drive(worker, port: int, model: str, sessions: int, steps: int, vocab:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def start_null(vocab: int) -> _procs.ServerProc:
-    """The do-nothing KServe server of this file, in its own process."""
-    return _procs.start("null", [sys.executable, __file__, "--vocab", str(vocab)],
+def start_null(vocab: int, event_loop: str = "auto") -> _procs.ServerProc:
+    """The do-nothing KServe server of this file, in its own process, on rnn-serve's event loop."""
+    return _procs.start("null", [sys.executable, __file__, "--vocab", str(vocab), "--event-loop", event_loop],
                         port_file_flag="--serve-null")
 
 
@@ -239,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=_procs.count, default=6400, help="calls per point per kind per round (all clients)")
     ap.add_argument("--rounds", type=_procs.count, default=5, help="rounds; each runs every kind of every point in turn")
     ap.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. \"--session-store memory\"")
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                    help="rnn-serve's --event-loop, and the do-nothing server's loop (default auto: uvloop if installed)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     ap.add_argument("--serve-null", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_null:
-        asyncio.run(serve_null(args.vocab, args.serve_null))
+        loops.run(lambda: serve_null(args.vocab, args.serve_null), args.event_loop)
         return 0
     found = _procs.find_model(args.models, args.model)
     if found is None:
@@ -255,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {"stream": ("null", "kserve", "native"), "unary": ("null", "kserve")}
     runs = {p: {k: [] for k in kinds[p[0]]} for p in points}
     steps = {p: max(2, args.calls // p[1]) for p in points}
-    print(f"model {model} (vocab {vocab}); cpus={os.cpu_count()}; load average before: "
+    print(f"model {model} (vocab {vocab}); event loop {loops.loop_factory(args.event_loop)[0]} (both servers); "
+          f"cpus={os.cpu_count()}; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     servers: dict[str, _procs.ServerProc] = {}
     try:
-        servers["null"] = start_null(vocab)
-        servers["kserve"] = _procs.start_rnn_serve(args.models, *shlex.split(args.serve_args))
+        servers["null"] = start_null(vocab, args.event_loop)
+        servers["kserve"] = _procs.start_rnn_serve(args.models, "--event-loop", args.event_loop,
+                                                   *shlex.split(args.serve_args))
         for _ in range(args.rounds):  # alternating, so load from neighbours hits all kinds alike
             for p in points:
                 for kind in kinds[p[0]]:

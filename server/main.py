@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from . import loops
 from .app import App
 from .settings import Settings, parse
 from .store import StoreUnavailable
@@ -40,6 +41,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("event loop: %s", type(loop).__module__.split(".")[0])
     if app.authenticator.tokens is not None:  # SIGHUP: read --auth-tokens again now
         loop.add_signal_handler(signal.SIGHUP, app.authenticator.tokens.reload)
     await stop.wait()
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         from . import workers
 
         return workers.run(settings, argv)
-    return asyncio.run(serve(settings))
+    try:
+        return loops.run(lambda: serve(settings), settings.event_loop)
+    except loops.LoopUnavailable as e:
+        print(f"rnn-serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV_PREFIX = "RNNSERVE_"
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # --auth-open names -> the gRPC method paths (prefixes) they open to callers without credentials
 OPEN_SERVICES = {"health": ("/grpc.health.v1.Health/",),
                  "reflection": ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/"),
@@ -67,6 +68,7 @@ class Settings:
     metrics_auth: bool = False  # /metrics needs the same credentials as gRPC calls
     workers: int = 1  # server processes sharing the port (and their sessions)
     reuse_port: bool = False  # bind with SO_REUSEPORT (what --workers does for its workers)
+    event_loop: str = "auto"  # auto (uvloop when installed) | uvloop | asyncio
     log_level: str = "INFO"
 
     def open_services_names(self) -> list[str]:
@@ -148,6 +150,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--workers", "workers", int, "server processes on this port, sharing sessions (more cores)"),
     ("--reuse-port", "reuse_port", lambda v: _yes(v, "--reuse-port"),
      "1: bind with SO_REUSEPORT so several processes share the port"),
+    ("--event-loop", "event_loop", str,
+     "auto (uvloop when installed, else asyncio's own) | uvloop | asyncio: the loop gRPC and the batcher run on"),
     ("--log-level", "log_level", str, "DEBUG | INFO | WARNING | ERROR"),
 ]
 
@@ -265,6 +269,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
     except ValueError as e:
         problems.append(str(e))
     problems += _control_problems(s)
+    if s.event_loop not in EVENT_LOOPS:
+        problems.append(f"--event-loop must be auto, uvloop or asyncio, got {s.event_loop!r}")
     if s.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {s.device!r}")
     for name in ("max_batch", "max_sessions", "max_generate_tokens", "max_message_bytes", "chunk_tokens",

@@ -127,6 +127,55 @@ def test_sigterm_drains_a_generation_and_exits_zero(tiny_repo: Path, tmp_path: P
         log.close()
     out = (tmp_path / "server.log").read_text()
     assert "provider: CPUExecutionProvider" in out and "draining" in out and "Traceback" not in out, out
+    assert "event loop: uvloop" in out, out  # the default (auto) with uvloop installed, as the package requires
+
+
+def test_the_event_loop_is_chosen_by_flag_and_a_missing_uvloop_is_named(tiny_repo: Path, tmp_path: Path,
+                                                                        monkeypatch, capsys) -> None:
+    """--event-loop asyncio serves on asyncio's own loop (stepped for real here; the default, uvloop, serves
+    every other process test); uvloop asked for but not importable is a usage error naming the flag, and
+    auto falls back to asyncio's loop; an unknown value is refused by name."""
+    from rnnserve.server import loops
+
+    assert loops.loop_factory("asyncio") == ("asyncio", None)
+    assert loops.loop_factory("auto")[0] == loops.loop_factory("uvloop")[0] == "uvloop"
+    with pytest.raises(SystemExit) as e:
+        parse(["--event-loop", "tokio"], {})
+    assert e.value.code == 2 and "--event-loop must be auto, uvloop or asyncio, got 'tokio'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert loops.loop_factory("auto") == ("asyncio", None)
+    with pytest.raises(loops.LoopUnavailable, match="--event-loop uvloop: uvloop does not import"):
+        loops.loop_factory("uvloop")
+    monkeypatch.undo()
+    code = ("import sys; sys.modules['uvloop'] = None; from rnnserve.server.main import main; "
+            f"sys.exit(main(['--models', {str(tiny_repo)!r}, '--event-loop', 'uvloop']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("rnn-serve: error: --event-loop uvloop: uvloop does not "
+                                                     "import"), (r.returncode, r.stderr)
+    port_file = tmp_path / "port.json"
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen([str(BIN / "rnn-serve"), "--models", str(tiny_repo), "--port", "0",
+                                 "--metrics-port", "-1", "--poll-interval", "0", "--session-store", "memory",
+                                 "--event-loop", "asyncio", "--port-file", str(port_file)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.05)
+        with grpc.insecure_channel(f"127.0.0.1:{json.loads(port_file.read_text())['port']}") as ch:
+            stub = pb_grpc.RnnServeStub(ch)
+            opened = stub.OpenSession(pb.OpenSessionRequest(open=pb.Open(model=pb.ModelRef(name="tiny"))))
+            fed = stub.Step(pb.StepRequest(session_id=opened.session_id, feed=pb.Feed(
+                tokens=pb.TokenIds(ids=[1, 2]), output=pb.OUTPUT_LAST, logits=True)))
+        assert fed.result.fed == 2 and len(fed.result.distributions[0].logits) == len(opened.model.vocab)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "server.log").read_text()
+    assert "event loop: asyncio" in out and "Traceback" not in out, out
 
 
 def test_provider_choice_is_quiet_and_says_why(capfd) -> None:
