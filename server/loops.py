@@ -1,9 +1,9 @@
 """The event loop the server runs on: uvloop when installed (fewer microseconds per loop turn), else asyncio's.
 
 Every request crosses the loop several times (gRPC's completion, the handler, the batcher, the answer);
-uvloop's turns are cheaper. Measured on 2 cores (`bench/kserve_bench.py --event-loop`): KServe ping-pong
-at 1 sequence +13%, unary ModelInfer +20-30%, native streams at 64 sessions +25%. The benches' do-nothing
-ceiling servers run on the same loop as rnn-serve, so a ratio never mixes the two.
+uvloop's turns are cheaper. Measured on 2 cores (README, Benchmarks, "The event loop"): native ping-pong
++15% at 64 sessions and +21% at 16, KServe streams +10% at 64 sequences, one session and unary calls
+level. The benches' do-nothing ceiling servers run on the same loop as rnn-serve, so a ratio never mixes two.
 """
 from __future__ import annotations
 
