@@ -18,17 +18,22 @@ class LoopUnavailable(RuntimeError):
     """--event-loop uvloop was asked for and uvloop does not import."""
 
 
-def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
-    """(name, factory for asyncio.Runner) of an --event-loop choice: auto, uvloop or asyncio (factory None)."""
+def _standard_loop() -> asyncio.AbstractEventLoop:
+    """asyncio's own loop for this platform, whatever event loop policy the process has set."""
+    return asyncio.DefaultEventLoopPolicy().new_event_loop()
+
+
+def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """(name, factory for asyncio.Runner) of an --event-loop choice: auto, uvloop or asyncio."""
     if choice == "asyncio":
-        return "asyncio", None
+        return "asyncio", _standard_loop
     try:
         import uvloop
     except ImportError as e:
         if choice == "uvloop":
             raise LoopUnavailable(f"--event-loop uvloop: uvloop does not import ({e}); install it "
                                   "(pip install uvloop) or pass --event-loop asyncio") from None
-        return "asyncio", None
+        return "asyncio", _standard_loop
     return "uvloop", uvloop.new_event_loop
 
 

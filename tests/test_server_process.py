@@ -137,13 +137,18 @@ def test_the_event_loop_is_chosen_by_flag_and_a_missing_uvloop_is_named(tiny_rep
     auto falls back to asyncio's loop; an unknown value is refused by name."""
     from rnnserve.server import loops
 
-    assert loops.loop_factory("asyncio") == ("asyncio", None)
+    name, factory = loops.loop_factory("asyncio")
+    made = factory()
+    try:  # asyncio's own loop even where a policy (uvloop.install(), say) would hand out another
+        assert name == "asyncio" and type(made).__module__.startswith("asyncio."), type(made)
+    finally:
+        made.close()
     assert loops.loop_factory("auto")[0] == loops.loop_factory("uvloop")[0] == "uvloop"
     with pytest.raises(SystemExit) as e:
         parse(["--event-loop", "tokio"], {})
     assert e.value.code == 2 and "--event-loop must be auto, uvloop or asyncio, got 'tokio'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
-    assert loops.loop_factory("auto") == ("asyncio", None)
+    assert loops.loop_factory("auto")[0] == "asyncio"
     with pytest.raises(loops.LoopUnavailable, match="--event-loop uvloop: uvloop does not import"):
         loops.loop_factory("uvloop")
     monkeypatch.undo()
