@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rnnserve.server.settings import EVENT_LOOPS
+
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -128,9 +130,17 @@ def start_ceiling(kind: str, event_loop: str = "auto") -> ServerProc:
     return start(kind, [sys.executable, str(HERE / "_ceilings.py"), kind, "--event-loop", event_loop])
 
 
-def start_rnn_serve(models: Path, *extra: str) -> ServerProc:
+def add_event_loop_flag(parser: argparse.ArgumentParser, ceiling: str) -> None:
+    """--event-loop of a bench: rnn-serve's loop, and its ceiling server's (one loop for both, so a ratio never
+    compares two loops)."""
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                        help=f"rnn-serve's --event-loop, and the {ceiling} loop (default auto: uvloop if installed)")
+
+
+def start_rnn_serve(models: Path, *extra: str, event_loop: str = "auto") -> ServerProc:
     """rnn-serve on a model repository, on 127.0.0.1 with an ephemeral port and no metrics/polling."""
     exe = Path(sys.executable).with_name("rnn-serve")
     argv = [str(exe), "--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-            "--poll-interval", "0", "--log-level", "WARNING", "--state-dir", "{workdir}/state", *extra]
+            "--poll-interval", "0", "--log-level", "WARNING", "--state-dir", "{workdir}/state",
+            "--event-loop", event_loop, *extra]
     return start("rnn-serve", argv)

@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import _procs
 from rnnserve.server import loops
-from rnnserve.server.settings import EVENT_LOOPS
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -242,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=_procs.count, default=6400, help="calls per point per kind per round (all clients)")
     ap.add_argument("--rounds", type=_procs.count, default=5, help="rounds; each runs every kind of every point in turn")
     ap.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. \"--session-store memory\"")
-    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
-                    help="rnn-serve's --event-loop, and the do-nothing server's loop (default auto: uvloop if installed)")
+    _procs.add_event_loop_flag(ap, "do-nothing server's")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     ap.add_argument("--serve-null", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
@@ -266,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, _procs.ServerProc] = {}
     try:
         servers["null"] = start_null(vocab, args.event_loop)
-        servers["kserve"] = _procs.start_rnn_serve(args.models, "--event-loop", args.event_loop,
-                                                   *shlex.split(args.serve_args))
+        servers["kserve"] = _procs.start_rnn_serve(args.models, *shlex.split(args.serve_args),
+                                                   event_loop=args.event_loop)
         for _ in range(args.rounds):  # alternating, so load from neighbours hits all kinds alike
             for p in points:
                 for kind in kinds[p[0]]:

@@ -29,7 +29,6 @@ import _ceilings
 import _procs
 import rnnserve.v1.rnnserve_pb2 as pb
 from rnnserve.client.aio import AsyncClient, AsyncSession
-from rnnserve.server.settings import EVENT_LOOPS
 
 log = logging.getLogger("serve_bench")
 PINGPONG_SESSIONS = (1, 16, 64)
@@ -240,7 +239,7 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     loop = args.event_loop  # the ceilings run on rnn-serve's loop: a ratio never mixes two loops
     servers = {"echo": _procs.start_ceiling("echo", loop), "nothing": _procs.start_ceiling("nothing", loop),
-               "rnn-serve": _procs.start_rnn_serve(repo, "--event-loop", loop, *shlex.split(args.serve_args))}
+               "rnn-serve": _procs.start_rnn_serve(repo, *shlex.split(args.serve_args), event_loop=loop)}
     pp: dict[tuple[str, int], Point] = {}
     gen: dict[int, Point] = {}
     ceilings: dict[int, float] = {}
@@ -278,8 +277,8 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
         servers.pop("rnn-serve").stop()
 
         print(f"\nmemory: {IDLE_SESSIONS:,} idle sessions on a fresh server")
-        servers["rnn-serve"] = fresh = _procs.start_rnn_serve(repo, "--event-loop", args.event_loop,
-                                                              *shlex.split(args.serve_args))
+        servers["rnn-serve"] = fresh = _procs.start_rnn_serve(repo, *shlex.split(args.serve_args),
+                                                              event_loop=loop)
         t0 = time.perf_counter()
         before, after = await idle_memory(fresh, model, IDLE_SESSIONS)
         print(f"RSS {before:.1f} MB -> {after:.1f} MB with {IDLE_SESSIONS:,} sessions "
@@ -321,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved windows per point; the best is reported (default 4)")
     parser.add_argument("--max-tokens", type=_procs.count, default=256, help="tokens per generate request")
     parser.add_argument("--serve-args", default="", help="extra rnn-serve flags, e.g. '--max-wait-ms 1'")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
-                        help="rnn-serve's --event-loop, and the ceiling servers' loop (default auto: uvloop if installed)")
+    _procs.add_event_loop_flag(parser, "ceiling servers'")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
