@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from math import isfinite
 
 import numpy as np
 import onnxruntime as ort
@@ -34,6 +35,7 @@ from .work import FeedJob, GenRow, Plan
 log = logging.getLogger(__name__)
 ALONE_S = 0.005  # a session stepping with no other one within this long takes the direct path
 TRIM_AFTER_TOKENS = 50_000  # feed tokens after which an idle batcher returns freed heap to the system
+_sum = np.add.reduce  # ndarray.sum without its Python wrapper: a few us per call on the per-step path
 
 
 class Batcher:
@@ -281,8 +283,7 @@ class Batcher:
 
     def _update(self, plan: Plan, out_step, out_seq, dt: float, out_gen=None) -> None:
         """Write finite states and logits back into the pool, answer the feeds, advance the generating rows."""
-        feeds1, rows, step_rows = plan.feeds1, plan.rows, plan.step_rows
-        pool = self.pool
+        feeds1, rows, step_rows, pool = plan.feeds1, plan.rows, plan.step_rows, self.pool
         moved: list[Session] = []  # sessions whose state moved on (whole feeds, generated tokens)
         if len(step_rows) or plan.gen_rows or not plan.seq_in:
             self.last_batch = len(step_rows) + len(plan.gen_rows)  # rows stepped (or generating) together
@@ -295,10 +296,11 @@ class Batcher:
         if out_step is not None:
             logits, state = out_step  # (B, V), (B, S)
             bad = self._nonfinite(logits, state)  # (B,)
-            ok = step_rows if not bad.any() else step_rows[~bad]
-            pool.states[ok] = state if not bad.any() else state[~bad]
-            pool.logits[ok] = logits if not bad.any() else logits[~bad]
-            pool.has_logits[ok] = True
+            if bad.any():  # only the finite rows are written back (the rows below index the whole batch)
+                ok, good_state, good_logits = step_rows[~bad], state[~bad], logits[~bad]
+            else:
+                ok, good_state, good_logits = step_rows, state, logits
+            pool.states[ok], pool.logits[ok], pool.has_logits[ok] = good_state, good_logits, True
             tops = [i for i, j in enumerate(feeds1) if j.top_k and not bad[i]]
             if tops:  # top-k of every feed that asked, in one vectorized call
                 ids, probs = top_k_of(logits[tops], np.array([feeds1[i].top_k for i in tops]))  # (m, K)
@@ -336,7 +338,7 @@ class Batcher:
 
     def _nonfinite(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
         """(rows,) True where a row's logits or state hold NaN or infinity; logged once per version."""
-        if np.isfinite(logits.sum()) and np.isfinite(state.sum()):  # NaN and inf carry into a sum: all finite
+        if isfinite(_sum(logits, None)) and isfinite(_sum(state, None)):  # NaN and inf carry into a sum: all finite
             return np.zeros(len(logits), bool)
         bad = ~(np.isfinite(logits.reshape(len(logits), -1)).all(1) & np.isfinite(state).all(1))
         if bad.any():
