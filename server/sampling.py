@@ -46,13 +46,19 @@ def _sample_plain(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndar
     return np.minimum(idx, last)
 
 
+def _take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """a[i, idx[i]] row by row, (n, m): np.take_along_axis(a, idx, axis=1) by plain indexing, the same numbers
+    in a third of the time for the few rows of a step (it runs on every step and every sampled token)."""
+    return a[np.arange(len(a))[:, None], idx]
+
+
 def _sample_filtered(logits: np.ndarray, temperature: np.ndarray, k: np.ndarray, top_p: np.ndarray,
                      uniforms: np.ndarray) -> np.ndarray:
     """Top-k and/or top-p: sort each row, cut, inverse CDF over what is left (most probable first)."""
     V = logits.shape[1]
     lg = (logits.astype(np.float64) - logits.max(axis=1, keepdims=True)) / temperature[:, None]  # (r, V) <= 0
     order = np.argsort(-lg, axis=1)  # (r, V) most probable first
-    srt = np.take_along_axis(lg, order, axis=1)  # (r, V)
+    srt = _take_rows(lg, order)  # (r, V)
     p = np.exp(srt - srt[:, :1])  # (r, V) unnormalised, max first
     p[np.arange(V)[None, :] >= k[:, None]] = 0.0
     nucleus = (top_p > 0) & (top_p < 1)
@@ -77,11 +83,10 @@ def top_k(logits: np.ndarray, k: np.ndarray | int) -> tuple[np.ndarray, np.ndarr
 
     K = the largest k; a row's own k is its first k columns. Row by row independent of the batch (the same
     numbers whether a row is computed alone or with others)."""
-    K = int(k.max()) if isinstance(k, np.ndarray) else int(np.max(k)) if np.ndim(k) else int(k)
+    K = int(np.max(k)) if np.ndim(k) else int(k)
     K = min(K, logits.shape[1])
     z = logits - logits.max(axis=1, keepdims=True)  # (n, V)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     ids = np.argsort(-p, axis=1, kind="stable")[:, :K]  # (n, K)
-    # plain indexing, not np.take_along_axis: the same numbers, and 15 us instead of 40 for a row (per step)
-    return ids, p[np.arange(len(p))[:, None], ids]  # (n, K), (n, K)
+    return ids, _take_rows(p, ids)  # (n, K), (n, K)
