@@ -101,6 +101,31 @@ def test_contract_of_tiny_repo(tiny_repo: Path, tiny_text: str) -> None:
     assert json.loads((tiny_repo / "tiny-lstm" / "1" / "model.json").read_text())["state_size"] == 64
 
 
+def _unread_initializers(path: Path) -> list[str]:
+    """Initializers of an ONNX file that no node reads, subgraphs (Scan and Loop bodies) included."""
+    proto = onnx.load(path)
+    read: set[str] = set()
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        for n in g.node:
+            read.update(n.input)
+            graphs += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            graphs += [x for a in n.attribute for x in a.graphs]
+    return sorted(t.name for t in proto.graph.initializer if t.name not in read)
+
+
+def test_graphs_carry_no_unread_initializers(tiny_repo: Path) -> None:
+    """No graph holds a constant that no node reads (onnxruntime warns about each one at every load): neither
+    a fresh export of each cell kind nor the shipped versions."""
+    dirs = [tiny_repo / name / "1" for name in ("tiny", "tiny-lstm", "tiny-gru")]
+    dirs += [d for d in (ROOT / "models").glob("*/1")]
+    files = [f for d in dirs for f in sorted(d.glob("*.onnx"))]
+    assert len(files) >= 3 * 2 + 3  # model.onnx and sequence.onnx of three cells at least, and the shipped ones
+    unread = {str(f.relative_to(f.parents[2])): _unread_initializers(f) for f in files}
+    assert {f: names for f, names in unread.items() if names} == {}
+
+
 def test_builds_are_deterministic(tiny_text: str) -> None:
     vocab = sorted(set(tiny_text))
     model = tiny_model("gru", 16, 2, "zeros", 5, len(vocab))

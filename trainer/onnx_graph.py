@@ -135,7 +135,30 @@ def metadata(model: RNNModel, vocab: list[str], graph: str) -> dict[str, str]:
             "initial_state": json.dumps([float(x) for x in _np(model.h0)]), "format": FORMAT, "graph": graph}
 
 
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of the graph, or of a subgraph inside it (a Scan or Loop body), reads."""
+    names: set[str] = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _names_read(g)
+    return names
+
+
+def drop_unused(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """The graph without initializers no node reads (the shared constants of other cell kinds): onnxruntime
+    would warn about each one at every load, then drop it."""
+    used = _names_read(graph)
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return graph
+
+
 def _finish(graph: onnx.GraphProto, model: RNNModel, vocab: list[str], kind: str) -> onnx.ModelProto:
+    drop_unused(graph)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rnnserve",
                           producer_version=FORMAT)
     m.ir_version = IR_VERSION

@@ -21,7 +21,8 @@ from onnx import helper, numpy_helper
 
 from ..server.contract import IR_VERSION, OPSET
 from .model import SeriesModel
-from .onnx_graph import FLOAT, FORMAT, _Body, _diff, _np, _one_thread, _step_body, layer_arrays, scan_body
+from .onnx_graph import (FLOAT, FORMAT, _Body, _diff, _np, _one_thread, _step_body, drop_unused, layer_arrays,
+                         scan_body)
 
 
 def specs(model: SeriesModel, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -68,6 +69,7 @@ def _outputs(b: _Body, model: SeriesModel, scores: str) -> None:
 
 
 def _finish(graph: onnx.GraphProto, model: SeriesModel, inp: dict, task: dict, kind: str) -> onnx.ModelProto:
+    drop_unused(graph)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rnnserve",
                           producer_version=FORMAT)
     m.ir_version = IR_VERSION
