@@ -21,8 +21,18 @@ from onnx import helper, numpy_helper
 
 from ..server.contract import IR_VERSION, OPSET
 from .model import SeriesModel
-from .onnx_graph import (FLOAT, FORMAT, _Body, _diff, _np, _one_thread, _step_body, drop_unused, layer_arrays,
-                         scan_body)
+from .onnx_graph import (
+    FLOAT,
+    FORMAT,
+    _Body,
+    _diff,
+    _np,
+    _one_thread,
+    _step_body,
+    drop_unused,
+    layer_arrays,
+    scan_body,
+)
 
 
 def specs(model: SeriesModel, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
