@@ -22,6 +22,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/train_bench.py
 	$(PY) bench/serve_bench.py
+	$(PY) bench/step_bench.py
 	$(PY) bench/gen_bench.py
 	$(PY) bench/kserve_bench.py
 	$(PY) bench/series_bench.py
