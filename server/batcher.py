@@ -18,14 +18,14 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from math import isfinite
 
 import numpy as np
 import onnxruntime as ort
 
 from . import memory
-from .errors import FailedPrecondition, NotFound, Unavailable
+from .errors import NotFound, Unavailable
 from .feeds import LongFeeds
+from .finite import FiniteGuard, all_finite
 from .generator import Generator
 from .repository import ModelVersion
 from .sampling import top_k as top_k_of
@@ -35,7 +35,6 @@ from .work import FeedJob, GenRow, Plan
 log = logging.getLogger(__name__)
 ALONE_S = 0.005  # a session stepping with no other one within this long takes the direct path
 TRIM_AFTER_TOKENS = 50_000  # feed tokens after which an idle batcher returns freed heap to the system
-_sum = np.add.reduce  # ndarray.sum without its Python wrapper: a few us per call on the per-step path
 
 
 class Batcher:
@@ -60,7 +59,7 @@ class Batcher:
         self.long = LongFeeds(pool, table, slice_s, self._settled)  # multi-token feeds, run in slices
         self.inflight_tokens = 0  # tokens of the feeds queued or running here (--max-inflight-tokens)
         self._run_options = ort.RunOptions()  # its terminate flag cuts a running call at shutdown
-        self._nonfinite_seen = False
+        self.finite = FiniteGuard(model, metrics)  # which rows of a step may be written back
         self._since_trim = 0  # feed tokens since memory was last handed back to the system
         self._running = False  # an iteration is under way (its awaits let other requests in)
         self._last_session: Session | None = None  # the session of the last single-token feed, and when
@@ -138,19 +137,31 @@ class Batcher:
                     or self.max_wait_s > 0 or self.inline_rows < 1 or now < self._batching_until)
 
     def _step_now(self, job: FeedJob) -> None:
-        """One single-token feed run at once on the event loop: no batcher wake-up, no thread hop (the
-        ping-pong path when the batcher is idle); the same schedule -> execute -> update as an iteration."""
-        rows = np.array([job.session.row], np.int64)  # (1,)
+        """One single-token feed run at once on the event loop: no batcher wake-up, no thread hop, no batch
+        bookkeeping (the ping-pong path when the batcher is idle). A NaN or infinity takes the batch update."""
+        row, pool = job.session.row, self.pool
         tok = job.tokens[:1] if self._vector else np.array([int(job.tokens[0])], np.int64)  # (1,) or (1, F)
-        plan = Plan([job], [], [], rows, tok, self.pool.states[rows], [])
+        state_in = pool.states[row:row + 1]  # (1, S) a view: onnxruntime has read it before the write below
         t0 = time.perf_counter()
         try:
-            out_step, out_seq, _ = self._compute(plan.step_tok, plan.step_state, [])
+            logits, state = self._compute(tok, state_in, [])[0]  # (1, V), (1, S)
         except Exception as e:  # as in an iteration: the job fails, the batcher keeps serving
             log.exception("onnxruntime call failed for %s", self.model.key)
             self._fail_feed(job, e)
             return
-        self._update(plan, out_step, out_seq, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if not all_finite(logits, state):
+            plan = Plan([job], [], [], np.array([row], np.int64), tok, state_in.copy(), [])
+            self._update(plan, (logits, state), [], dt)
+            return
+        self.last_batch = 1
+        self.batches += 1
+        if self.metrics is not None:
+            self.metrics.observe_batch(self.model, 1, dt, 1, 0)
+        pool.states[row], pool.logits[row], pool.has_logits[row] = state[0], logits[0], True
+        self._done_feed(job, logits, top_k_of(logits, job.top_k) if job.top_k else None)
+        if self.on_stepped is not None:
+            self.on_stepped([job.session])
 
     def _settled(self, n: int) -> None:
         """A feed of n tokens is done with (answered, failed or cut)."""
@@ -295,7 +306,7 @@ class Batcher:
                                        generated)
         if out_step is not None:
             logits, state = out_step  # (B, V), (B, S)
-            bad = self._nonfinite(logits, state)  # (B,)
+            bad = self.finite.rows(logits, state)  # (B,)
             if bad.any():  # only the finite rows are written back (the rows below index the whole batch)
                 ok, good_state, good_logits = step_rows[~bad], state[~bad], logits[~bad]
             else:
@@ -303,31 +314,31 @@ class Batcher:
             pool.states[ok], pool.logits[ok], pool.has_logits[ok] = good_state, good_logits, True
             tops = [i for i, j in enumerate(feeds1) if j.top_k and not bad[i]]
             if tops:  # top-k of every feed that asked, in one vectorized call
-                ids, probs = top_k_of(logits[tops], np.array([feeds1[i].top_k for i in tops]))  # (m, K)
+                ids, probs = top_k_of(logits[tops], max(feeds1[i].top_k for i in tops))  # (m, K)
                 tops = dict(zip(tops, zip(ids[:, None], probs[:, None])))
             for i, j in enumerate(feeds1):
                 if bad[i]:
-                    self._fail_feed(j, self._poisoned(j.session))
+                    self._fail_feed(j, self.finite.error(j.session))
                 else:
                     self._done_feed(j, logits[i:i + 1], tops.get(i) if tops else None)
                     moved.append(j.session)
             if rows:
                 n1 = len(feeds1)
                 for i in np.nonzero(bad[n1:])[0]:
-                    self.gen.fail_row(rows[i], self._poisoned(rows[i].session))
+                    self.gen.fail_row(rows[i], self.finite.error(rows[i].session))
                 good = [i for i in range(len(rows)) if not bad[n1 + i]]
                 self.gen.after_step([rows[i] for i in good], logits[[n1 + i for i in good]])
                 moved += [rows[i].session for i in good]
         if plan.gen_rows and out_gen is not None:
             tokens, state, logits = out_gen  # (B, K), (B, S), (B, V)
             self.gen.clock.timed(len(plan.gen_rows), tokens.shape[1], dt)
-            moved += self.gen.after_graph(plan.gen_rows, plan.gen_in["state"], out_gen, self._nonfinite(logits, state),
-                                          self._replay, lambda r: self._poisoned(r.session))
+            moved += self.gen.after_graph(plan.gen_rows, plan.gen_in["state"], out_gen, self.finite.rows(logits, state),
+                                          self._replay, lambda r: self.finite.error(r.session))
         for (g, tok, _), (logits, state, seconds) in zip(plan.seq_in, out_seq):  # (G, T, V), (G, S)
             self.long.clock.timed(len(g), tok.shape[1], seconds)
-            bad = self._nonfinite(logits, state)
+            bad = self.finite.rows(logits, state)
             for i in np.nonzero(bad)[0]:
-                self.long.fail(g[i], self._poisoned(g[i].session))
+                self.long.fail(g[i], self.finite.error(g[i].session))
             for j in self.long.apply(g, logits, state, bad):
                 result = self.long.finish(j)
                 moved.append(j.session)
@@ -335,26 +346,6 @@ class Batcher:
                     j.future.set_result(result)
         if moved and self.on_stepped is not None:
             self.on_stepped(moved)
-
-    def _nonfinite(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """(rows,) True where a row's logits or state hold NaN or infinity; logged once per version."""
-        if isfinite(_sum(logits, None)) and isfinite(_sum(state, None)):  # NaN and inf carry into a sum: all finite
-            return np.zeros(len(logits), bool)
-        bad = ~(np.isfinite(logits.reshape(len(logits), -1)).all(1) & np.isfinite(state).all(1))
-        if bad.any():
-            if self.metrics is not None:
-                self.metrics.nonfinite(self.model, int(bad.sum()))
-            if not self._nonfinite_seen:
-                self._nonfinite_seen = True
-                log.error("%s produced NaN or infinite values for %d row(s) of a batch; those sessions keep "
-                          "their state from before the step and get FAILED_PRECONDITION (logged once per version, "
-                          "counted in rnnserve_nonfinite_rows)", self.model.key, int(bad.sum()))
-        return bad
-
-    def _poisoned(self, session: Session) -> FailedPrecondition:
-        return FailedPrecondition(f"model {self.model.key} produced NaN or infinite values for session {session.id}; "
-                                  "the session keeps its state from before this request (its state, or the model, "
-                                  "does not give finite outputs)")
 
     def _compute(self, tok, state, seq_in, gen: bool = False, gen_in: dict | None = None):
         """Runs in the onnxruntime thread: one step call, one sequence call per slice length (each timed) and

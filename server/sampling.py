@@ -78,15 +78,13 @@ def _sample_filtered(logits: np.ndarray, temperature: np.ndarray, k: np.ndarray,
     return order[np.arange(len(idx)), idx]
 
 
-def top_k(logits: np.ndarray, k: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-    """logits (n, V), k per row (or one k) -> ids (n, K) int64 most probable first, softmax probs (n, K).
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """logits (n, V), k -> ids (n, K) int64 most probable first, softmax probs (n, K), K = min(k, V).
 
-    K = the largest k; a row's own k is its first k columns. Row by row independent of the batch (the same
-    numbers whether a row is computed alone or with others)."""
-    K = int(np.max(k)) if np.ndim(k) else int(k)
-    K = min(K, logits.shape[1])
-    z = logits - logits.max(axis=1, keepdims=True)  # (n, V)
-    p = np.exp(z)
+    Rows asking different k take the largest and keep their own first k columns. Row by row independent of
+    the batch (the same numbers whether a row is computed alone or with others)."""
+    K = min(int(k), logits.shape[1])
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))  # (n, V)
     p /= p.sum(axis=1, keepdims=True)
     ids = np.argsort(-p, axis=1, kind="stable")[:, :K]  # (n, K)
-    return ids, _take_rows(p, ids)  # (n, K), (n, K)
+    return ids, (p[:, ids[0]] if len(p) == 1 else _take_rows(p, ids))  # (n, K), (n, K)

@@ -179,6 +179,13 @@ def test_non_finite_rows_fail_alone_and_keep_their_state(tiny_repo: Path, tmp_pa
             for sid in sids:
                 await stub.Step(pb.StepRequest(session_id=sid, feed=pb.Feed(tokens=pb.TokenIds(ids=[1, 2]))))
             before = [(await stub.GetState(pb.GetStateRequest(session_id=s))) for s in sids]
+            await asyncio.sleep(0.05)  # no other session stepping lately: a lone step runs at once, on the loop
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Step(pb.StepRequest(session_id=sids[1], feed=pb.Feed(tokens=pb.TokenIds(ids=[3]))))
+                assert e.value.code() == FP and "tiny:1" in e.value.details() and "NaN" in e.value.details()
+            alone = await stub.GetState(pb.GetStateRequest(session_id=sids[1]))
+            assert alone.state == before[1].state and alone.steps == before[1].steps == 2
             for _ in range(3):  # one token each, in one batch: rows 1 and 3 step the poisoned token
                 calls = [stub.Step(pb.StepRequest(session_id=s, feed=pb.Feed(
                     tokens=pb.TokenIds(ids=[3 if i % 2 else 5]), output=pb.OUTPUT_LAST, top_k=3)))
