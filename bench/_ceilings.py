@@ -1,8 +1,11 @@
-"""Ceiling servers for serve_bench: a raw-bytes gRPC echo and a do-nothing rnnserve.v1 server.
+"""Ceiling servers for serve_bench: a raw-bytes gRPC echo, a do-nothing rnnserve.v1 server, and the
+do-nothing server that also pays one onnxruntime step per token.
 
-Each runs in its own process (`python bench/_ceilings.py echo|nothing --port-file F`) so the load
-generator never shares a GIL with it; both answer every message at once, so they measure what the
-transport (echo) and our protocol's message handling (nothing) cost without any model.
+Each runs in its own process (`python bench/_ceilings.py echo|nothing|onnxruntime --port-file F`) so the
+load generator never shares a GIL with it; all answer every message at once, so they measure what the
+transport (echo) and our protocol's message handling (nothing) cost without any model, and what a server
+that did nothing but run the model's step on its event loop could reach (onnxruntime): no state is kept and
+nothing is batched, so it bounds one session's ping-pong, not many sessions'.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import numpy as np
 import rnnserve.v1.rnnserve_pb2 as pb
 from rnnserve.server import loops
 from rnnserve.server.settings import EVENT_LOOPS
@@ -92,13 +96,35 @@ class NothingServicer(rnnserve_pb2_grpc.RnnServeServicer):
         return pb.ListModelsResponse(models=[self.info])
 
 
-async def serve(kind: str, port_file: Path, host: str = "127.0.0.1") -> None:
-    """Serve `kind` ("echo" or "nothing") on an ephemeral port; write {"port": N} to port_file."""
+class OrtNothingServicer(NothingServicer):
+    """The do-nothing server plus one onnxruntime step of a real model per token fed, on the event loop and
+    with one intra-op thread as rnn-serve's step sessions (from the initial state each time: a step's cost
+    does not depend on the state's values)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort
+
+        meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.state = np.asarray([meta["initial_state"]], np.float32)  # (1, S)
+
+    def _feed(self, feed: pb.Feed) -> pb.FeedResult:
+        ids = feed.tokens.ids if feed.WhichOneof("input") == "tokens" else [0] * len(feed.text)
+        for t in ids:
+            self.sess.run(None, {"tokens": np.array([t % len(VOCAB)], np.int64), "state": self.state})
+        return super()._feed(feed)
+
+
+async def serve(kind: str, port_file: Path, host: str = "127.0.0.1", model: Path | None = None) -> None:
+    """Serve `kind` ("echo", "nothing" or "onnxruntime") on an ephemeral port; write {"port": N} to port_file."""
     server = grpc.aio.server()
     if kind == "echo":
         server.add_generic_rpc_handlers((echo_handler(),))
     else:
-        rnnserve_pb2_grpc.add_RnnServeServicer_to_server(NothingServicer(), server)
+        servicer = OrtNothingServicer(model) if kind == "onnxruntime" and model else NothingServicer()
+        rnnserve_pb2_grpc.add_RnnServeServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
     tmp = port_file.with_suffix(".tmp")
@@ -110,12 +136,15 @@ async def serve(kind: str, port_file: Path, host: str = "127.0.0.1") -> None:
 def main() -> None:
     """Entry point: run one ceiling server until killed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("echo", "nothing"))
+    parser.add_argument("kind", choices=("echo", "nothing", "onnxruntime"))
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="a model version folder (onnxruntime only, which needs it)")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto", help="as rnn-serve's --event-loop")
     args = parser.parse_args()
+    if args.kind == "onnxruntime" and (args.model is None or not (args.model / "model.onnx").is_file()):
+        parser.error(f"--model: onnxruntime needs a model version folder holding model.onnx, got {args.model}")
     try:
-        loops.run(lambda: serve(args.kind, args.port_file), args.event_loop)
+        loops.run(lambda: serve(args.kind, args.port_file, model=args.model), args.event_loop)
     except KeyboardInterrupt:
         pass
 

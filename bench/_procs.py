@@ -125,9 +125,11 @@ def start(name: str, argv: list[str], port_file_flag: str = "--port-file") -> Se
     return ServerProc(name, proc, port, workdir)
 
 
-def start_ceiling(kind: str, event_loop: str = "auto") -> ServerProc:
-    """The echo or do-nothing server of bench/_ceilings.py, on the event loop rnn-serve's --event-loop names."""
-    return start(kind, [sys.executable, str(HERE / "_ceilings.py"), kind, "--event-loop", event_loop])
+def start_ceiling(kind: str, event_loop: str = "auto", model_dir: Path | None = None) -> ServerProc:
+    """A ceiling server of bench/_ceilings.py (echo, nothing, or onnxruntime on model_dir), on the event loop
+    rnn-serve's --event-loop names."""
+    model = ["--model", str(model_dir)] if model_dir is not None else []
+    return start(kind, [sys.executable, str(HERE / "_ceilings.py"), kind, "--event-loop", event_loop, *model])
 
 
 def add_event_loop_flag(parser: argparse.ArgumentParser, ceiling: str) -> None:

@@ -3,7 +3,9 @@
 Run with `make bench` or `.venv/bin/python bench/serve_bench.py`. Every server runs in its own process on
 127.0.0.1; this process is the load generator (one asyncio loop, one channel per server). Ceilings are
 measured in the same run: a raw-bytes gRPC echo and a do-nothing rnnserve.v1 server for ping-pong,
-onnxruntime's own batched step loop for generation.
+onnxruntime's own batched step loop for generation. A fourth server, the do-nothing one that also runs the
+model's step once per token on its event loop, shows what part of the do-nothing rate any server that runs
+this model one step per message could keep (a bound at one session; many sessions can share a batched step).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rnnserve.client.aio import AsyncClient, AsyncSession
 
 log = logging.getLogger("serve_bench")
 PINGPONG_SESSIONS = (1, 16, 64)
+PINGPONG_SERVERS = ("echo", "nothing", "nothing+ort", "rnn-serve")  # rnn-serve last
 GENERATE_SESSIONS = (1, 16, 64, 256)
 IDLE_SESSIONS = 10_000
 TOP_K = 5
@@ -239,26 +242,27 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     loop = args.event_loop  # the ceilings run on rnn-serve's loop: a ratio never mixes two loops
     servers = {"echo": _procs.start_ceiling("echo", loop), "nothing": _procs.start_ceiling("nothing", loop),
+               "nothing+ort": _procs.start_ceiling("onnxruntime", loop, model_dir),
                "rnn-serve": _procs.start_rnn_serve(repo, *shlex.split(args.serve_args), event_loop=loop)}
     pp: dict[tuple[str, int], Point] = {}
     gen: dict[int, Point] = {}
     ceilings: dict[int, float] = {}
     try:
         print("ping-pong: 1 token in, top-5 distribution out, per session round trip")
-        print(f"{'sessions':>8}  {'server':<10} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10} "
+        print(f"{'sessions':>8}  {'server':<11} {'steps/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server cpu':>10} "
               f"{'client cpu':>10}")
         for n in PINGPONG_SESSIONS:
             for _ in range(args.rounds):  # interleaved, best window of each: contention only slows things
-                for name in ("echo", "nothing", "rnn-serve"):
+                for name in PINGPONG_SERVERS:
                     srv = servers[name]
-                    p = await pingpong(srv.target, "nothing" if name == "nothing" else model, n, args.seconds,
+                    p = await pingpong(srv.target, model if name == "rnn-serve" else "nothing", n, args.seconds,
                                        echo=name == "echo", server_cpu=srv.cpu_s)
                     if (name, n) not in pp or p.rate > pp[name, n].rate:
                         pp[name, n] = p
-            for name in ("echo", "nothing", "rnn-serve"):
+            for name in PINGPONG_SERVERS:
                 p = pp[name, n]
-                print(f"{n:>8}  {name:<10} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {p.cpu:>10.0%} {p.client_cpu:>10.0%}")
-        for name in ("echo", "nothing"):
+                print(f"{n:>8}  {name:<11} {p.rate:>9,.0f} {p.pct(50):>8.2f} {p.pct(99):>8.2f} {p.cpu:>10.0%} {p.client_cpu:>10.0%}")
+        for name in PINGPONG_SERVERS[:-1]:
             servers.pop(name).stop()
 
         print("\nserver-side generation: tokens/s and time to first token; ceiling = onnxruntime batched loop")
@@ -295,6 +299,8 @@ async def run(args: argparse.Namespace, repo: Path, model: str, model_dir: Path)
         _ratio_line("ping-pong @64 vs raw echo", pp["rnn-serve", 64].rate, pp["echo", 64].rate, None, "steps/s"),
         _ratio_line("ping-pong @1 vs do-nothing server", pp["rnn-serve", 1].rate, pp["nothing", 1].rate, 0.8,
                     "steps/s"),
+        _ratio_line("  bound: do-nothing+onnxruntime @1 vs it", pp["nothing+ort", 1].rate, pp["nothing", 1].rate,
+                    None, "steps/s"),
         _ratio_line("generation @1 vs onnxruntime batch 1", gen[1].rate, ceilings[1], 0.5, "tokens/s"),
         _ratio_line("generation @64 vs onnxruntime batch 64", gen[64].rate, ceilings[64], 0.7, "tokens/s"),
         _ratio_line("generation @256 vs onnxruntime batch 256", gen[256].rate, ceilings[256], None, "tokens/s"),
