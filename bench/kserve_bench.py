@@ -1,8 +1,12 @@
 """Ping-pong and unary ModelInfer over the Open Inference Protocol: our KServe endpoint against its ceiling.
 
-Two servers, each in its own process, driven by the same load generator (this process):
+Three servers, each in its own process, driven by the same load generator (this process):
   - null:   a do-nothing server of the same protocol (answers ModelStreamInfer and unary ModelInfer
             at once with zero logits);
+  - null+ort: the same server running the model's model.onnx once per token on its event loop (one
+            intra-op thread, as rnn-serve; from the initial state, nothing kept) and answering its logits:
+            what a server that runs this model one call at a time could reach, a bound at one sequence
+            and for unary calls (rnn-serve batches streams, so at 64 sequences it is no bound);
   - kserve: rnn-serve's KServe endpoint (Triton sequence ids, real model and batcher);
   - native: rnn-serve's own protocol (rnnserve.v1 Session streams) on the same server (stream mode only).
 Two modes, each at several concurrencies:
@@ -45,14 +49,33 @@ GOALS = {("stream", 64): 0.9, ("stream", 1): 0.8, ("unary", 16): 0.7, ("unary", 
 
 
 # ----------------------------------------------------------------------------- null server
-async def serve_null(vocab: int, port_file: Path) -> None:
-    """A do-nothing server of the KServe protocol: parses each request, answers zero logits."""
+def _step_logits(model_dir: Path):
+    """One model.onnx step per token from the model's initial state: tokens (T,) -> logits bytes (T * V floats)."""
+    import onnxruntime as ort
+
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    state = np.asarray([meta["initial_state"]], np.float32)  # (1, S)
+    vocab = len(meta["vocab"])
+
+    def logits(tokens) -> bytes:
+        return b"".join(sess.run(["logits"], {"tokens": np.array([t % vocab], np.int64), "state": state})[0].tobytes()
+                        for t in tokens)
+    return logits
+
+
+async def serve_null(vocab: int, port_file: Path, model_dir: Path | None = None) -> None:
+    """A do-nothing server of the KServe protocol: parses each request, answers zero logits (or, with
+    model_dir, the logits of one onnxruntime step per token)."""
     import grpc
     from rnnserve.server.kserve.codec import read_tokens
     from rnnserve.server.kserve.descriptors import SERVICE, messages
 
     pb = messages()
     req_cls, resp_cls, stream_cls = pb.ModelInferRequest, pb.ModelInferResponse, pb.ModelStreamInferResponse
+    step = _step_logits(model_dir) if model_dir is not None else None
 
     def answer(req, r) -> None:
         tokens = read_tokens(req)  # T ids
@@ -60,7 +83,7 @@ async def serve_null(vocab: int, port_file: Path) -> None:
         out = r.outputs.add()
         out.name, out.datatype = "logits", "FP32"
         out.shape.extend((1, len(tokens), vocab))
-        r.raw_output_contents.append(bytes(4 * vocab * len(tokens)))
+        r.raw_output_contents.append(step(tokens) if step is not None else bytes(4 * vocab * len(tokens)))
 
     async def stream(requests, context):
         async for req in requests:
@@ -199,9 +222,12 @@ async def drive(worker, port: int, model: str, sessions: int, steps: int, vocab:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def start_null(vocab: int, event_loop: str = "auto") -> _procs.ServerProc:
-    """The do-nothing KServe server of this file, in its own process, on rnn-serve's event loop."""
-    return _procs.start("null", [sys.executable, __file__, "--vocab", str(vocab), "--event-loop", event_loop],
+def start_null(vocab: int, event_loop: str = "auto", model_dir: Path | None = None) -> _procs.ServerProc:
+    """The do-nothing KServe server of this file (null+ort with model_dir), in its own process, on rnn-serve's
+    event loop."""
+    model = ["--null-model", str(model_dir)] if model_dir is not None else []
+    return _procs.start("null+ort" if model else "null",
+                        [sys.executable, __file__, "--vocab", str(vocab), "--event-loop", event_loop, *model],
                         port_file_flag="--serve-null")
 
 
@@ -224,10 +250,12 @@ def report(mode: str, n: int, runs: dict[str, list[dict]], steps: int, rounds: i
     ratio, goal = med["kserve"] / med["null"], GOALS.get((mode, n))
     per_round = ", ".join(f"{k['rate'] / z['rate']:.2f}" for k, z in zip(runs["kserve"], runs["null"]))
     extra = f"; kserve / native = {med['kserve'] / med['native']:.2f}" if "native" in med else ""
+    extra += f"; bound: null+ort / null = {med['null+ort'] / med['null']:.2f}" if "null+ort" in med else ""
     print(f"kserve / null = {ratio:.2f} (per round: {per_round}){extra}")
     ok = goal is None or ratio >= goal
     want = f"goal >= {goal:.2f}" if goal else "no goal"
-    return f"{mode:<6} @{n:<4} kserve / null {ratio:5.2f}  ({want}: {'PASS' if ok else 'MISS'})", ok
+    bound = f"; null+ort / null {med['null+ort'] / med['null']:.2f}" if "null+ort" in med else ""
+    return f"{mode:<6} @{n:<4} kserve / null {ratio:5.2f}  ({want}: {'PASS' if ok else 'MISS'}){bound}", ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     ap.add_argument("--serve-null", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--null-model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_null:
-        loops.run(lambda: serve_null(args.vocab, args.serve_null), args.event_loop)
+        loops.run(lambda: serve_null(args.vocab, args.serve_null, args.null_model), args.event_loop)
         return 0
     found = _procs.find_model(args.models, args.model)
     if found is None:
@@ -255,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     model, vocab = found[0]["name"], len(found[0]["vocab"])
     points = ([("stream", n) for n in args.sessions] if args.mode != "unary" else []) + \
              ([("unary", n) for n in args.clients] if args.mode != "stream" else [])
-    kinds = {"stream": ("null", "kserve", "native"), "unary": ("null", "kserve")}
+    kinds = {"stream": ("null", "null+ort", "kserve", "native"), "unary": ("null", "null+ort", "kserve")}
     runs = {p: {k: [] for k in kinds[p[0]]} for p in points}
     steps = {p: max(2, args.calls // p[1]) for p in points}
     print(f"model {model} (vocab {vocab}); event loop {loops.loop_factory(args.event_loop)[0]} (both servers); "
@@ -264,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, _procs.ServerProc] = {}
     try:
         servers["null"] = start_null(vocab, args.event_loop)
+        servers["null+ort"] = start_null(vocab, args.event_loop, found[1])
         servers["kserve"] = _procs.start_rnn_serve(args.models, *shlex.split(args.serve_args),
                                                    event_loop=args.event_loop)
         for _ in range(args.rounds):  # alternating, so load from neighbours hits all kinds alike
             for p in points:
                 for kind in kinds[p[0]]:
-                    srv = servers["null" if kind == "null" else "kserve"]
+                    srv = servers[kind if kind.startswith("null") else "kserve"]
                     worker = WORKERS["native" if kind == "native" else p[0]]
                     cpu0 = srv.cpu_s()
                     r = asyncio.run(drive(worker, srv.port, model, p[1], steps[p], vocab))
