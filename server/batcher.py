@@ -42,13 +42,15 @@ class Batcher:
 
     def __init__(self, model: ModelVersion, pool: StatePool, table: SessionTable, max_batch: int,
                  max_wait_s: float, metrics=None, inline_rows: int = 0, slice_s: float = 0.002,
-                 on_stepped: Callable[[list[Session]], None] | None = None, gen_budget_s: float = 0.02) -> None:
+                 on_stepped: Callable[[list[Session]], None] | None = None, gen_budget_s: float = 0.02,
+                 batch_turns: int = 0) -> None:
         self.model = model
         self.inline_rows = inline_rows  # step batches this small run on the loop thread (no thread hop)
         self.pool = pool
         self.table = table
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.batch_turns = batch_turns  # loop turns a lone queued step waits for others (--batch-turns)
         self.metrics = metrics
         self._vector = model.kind == "vector"  # frames in, no generation
         self.on_stepped = on_stepped  # called with the sessions whose state moved on in an iteration
@@ -198,6 +200,9 @@ class Batcher:
                 await self._wake.wait()
             if self.max_wait_s > 0 and not self.gen.rows and len(self._feeds) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
+            elif len(self._feeds) == 1 and not (self.long or len(self.gen)):  # calls already here may join it
+                for _ in range(self.batch_turns):
+                    await asyncio.sleep(0)
             if self.gen.new:
                 self.gen.admit()
             self._running = True

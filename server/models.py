@@ -144,7 +144,8 @@ class Models:
     def _add(self, mv: ModelVersion) -> None:
         s = self.settings
         b = Batcher(mv, self.table.pool(mv), self.table, s.max_batch, s.max_wait_ms / 1000.0, self.metrics,
-                    s.inline_rows, s.feed_slice_ms / 1000.0, self.on_stepped, s.gen_slice_ms / 1000.0)
+                    s.inline_rows, s.feed_slice_ms / 1000.0, self.on_stepped, s.gen_slice_ms / 1000.0,
+                    s.batch_turns)
         b.start()
         self.batchers[mv] = b
 

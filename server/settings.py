@@ -9,6 +9,7 @@ from pathlib import Path
 
 ENV_PREFIX = "RNNSERVE_"
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+MAX_BATCH_TURNS = 1000  # a turn costs microseconds; more would only add latency
 # --auth-open names -> the gRPC method paths (prefixes) they open to callers without credentials
 OPEN_SERVICES = {"health": ("/grpc.health.v1.Health/",),
                  "reflection": ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/"),
@@ -28,6 +29,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda
     max_batch: int = 256
     max_wait_ms: float = 0.0  # 0: batch what piled up while the previous call ran
+    batch_turns: int = 10  # event-loop turns a lone queued step waits for calls already arrived (0 = none)
     max_sessions: int = 100_000
     idle_timeout: float = 1800.0  # seconds, 0 = never
     max_generate_tokens: int = 4096
@@ -103,6 +105,9 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--max-batch", "max_batch", int, "largest batch of one onnxruntime call"),
     ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (ms)"),
+    ("--batch-turns", "batch_turns", int,
+     ("event-loop turns a lone queued step waits, while several sessions step, for calls already arrived to join "
+      "its batch (0 = none)")),
     ("--max-sessions", "max_sessions", int, "cap on live sessions"),
     ("--idle-timeout", "idle_timeout", float, "seconds before an idle session expires (0 = never)"),
     ("--max-generate-tokens", "max_generate_tokens", int, "largest max_tokens of one generate"),
@@ -281,6 +286,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
                  "inline_rows"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not 0 <= s.batch_turns <= MAX_BATCH_TURNS:
+        problems.append(f"--batch-turns must be between 0 and {MAX_BATCH_TURNS}, got {s.batch_turns}")
     if (s.tls_cert is None) != (s.tls_key is None):
         problems.append("--tls-cert and --tls-key go together")
     if (s.tls_client_ca or s.auth_mtls) and s.tls_cert is None:
