@@ -12,8 +12,13 @@ $(STAMP): pyproject.toml scripts/install.sh
 serve: $(STAMP)
 	$(VENV)/bin/rnn-serve --models models
 
+# Two workers, one test file each at a time (a file's fixtures are built once): most tests wait on real
+# servers and processes, so two files at once fit on 2 cores (about 4.7 minutes here against 6-6.5 in one).
+# TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # The long fuzz and abuse campaign (a bounded version runs in `make test`).
 fuzz: $(STAMP)
