@@ -156,9 +156,12 @@ def test_a_paused_replicas_late_write_is_refused_by_epoch(tiny_repo: Path, tmp_p
         while "taken over by another replica" not in a.log.read_text():
             assert time.monotonic() < deadline, a.log.read_text()[-2000:]
             time.sleep(0.1)
-        with redis.Redis(port=redis_server.port) as r:
-            h = r.hgetall(f"rnnserve:s:{sid}")
-        assert decode(h[b"d"]).steps == 1 and int(h[b"e"]) >= 2  # B's write, at B's epoch
+        deadline = time.monotonic() + 10
+        with redis.Redis(port=redis_server.port) as r:  # B writes its step at its next 200 ms tick, which
+            while decode((h := r.hgetall(f"rnnserve:s:{sid}"))[b"d"]).steps == 0:  # may come after A's refusal
+                assert time.monotonic() < deadline, "B's step was never written"
+                time.sleep(0.05)
+        assert decode(h[b"d"]).steps == 1 and int(h[b"e"]) >= 2  # B's write, at B's epoch (not A's 3 steps)
         assert b.stub.GetState(pb.GetStateRequest(session_id=sid)).state == after_b.state
         # A's stale copy was dropped: asked again, A takes the session back from B, with B's state
         assert a.stub.GetState(pb.GetStateRequest(session_id=sid), timeout=10).state == after_b.state
