@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -96,24 +96,33 @@ class NothingServicer(rnnserve_pb2_grpc.RnnServeServicer):
         return pb.ListModelsResponse(models=[self.info])
 
 
+def step_per_token(model_dir: Path) -> Callable[[Iterable[int]], list[np.ndarray]]:
+    """The bound servers' model work: one model.onnx step per token, with one intra-op thread as rnn-serve's
+    step sessions, each from the initial state (a step's cost does not depend on the state's values);
+    returns each step's logits (1, V)."""
+    import onnxruntime as ort
+
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    state = np.asarray([meta["initial_state"]], np.float32)  # (1, S)
+    vocab = len(meta["vocab"])
+
+    def run(tokens: Iterable[int]) -> list[np.ndarray]:
+        return [sess.run(["logits"], {"tokens": np.array([t % vocab], np.int64), "state": state})[0]
+                for t in tokens]
+    return run
+
+
 class OrtNothingServicer(NothingServicer):
-    """The do-nothing server plus one onnxruntime step of a real model per token fed, on the event loop and
-    with one intra-op thread as rnn-serve's step sessions (from the initial state each time: a step's cost
-    does not depend on the state's values)."""
+    """The do-nothing server plus one onnxruntime step of a real model per token fed, on the event loop."""
 
     def __init__(self, model_dir: Path) -> None:
-        import onnxruntime as ort
-
-        meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
-        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        self.state = np.asarray([meta["initial_state"]], np.float32)  # (1, S)
+        self.steps = step_per_token(model_dir)
 
     def _feed(self, feed: pb.Feed) -> pb.FeedResult:
-        ids = feed.tokens.ids if feed.WhichOneof("input") == "tokens" else [0] * len(feed.text)
-        for t in ids:
-            self.sess.run(None, {"tokens": np.array([t % len(VOCAB)], np.int64), "state": self.state})
+        self.steps(feed.tokens.ids if feed.WhichOneof("input") == "tokens" else [0] * len(feed.text))
         return super()._feed(feed)
 
 

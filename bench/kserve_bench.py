@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import _ceilings
 import _procs
 from rnnserve.server import loops
 
@@ -49,23 +50,6 @@ GOALS = {("stream", 64): 0.9, ("stream", 1): 0.8, ("unary", 16): 0.7, ("unary", 
 
 
 # ----------------------------------------------------------------------------- null server
-def _step_logits(model_dir: Path):
-    """One model.onnx step per token from the model's initial state: tokens (T,) -> logits bytes (T * V floats)."""
-    import onnxruntime as ort
-
-    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = 1, 1, 3
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    state = np.asarray([meta["initial_state"]], np.float32)  # (1, S)
-    vocab = len(meta["vocab"])
-
-    def logits(tokens) -> bytes:
-        return b"".join(sess.run(["logits"], {"tokens": np.array([t % vocab], np.int64), "state": state})[0].tobytes()
-                        for t in tokens)
-    return logits
-
-
 async def serve_null(vocab: int, port_file: Path, model_dir: Path | None = None) -> None:
     """A do-nothing server of the KServe protocol: parses each request, answers zero logits (or, with
     model_dir, the logits of one onnxruntime step per token)."""
@@ -75,7 +59,7 @@ async def serve_null(vocab: int, port_file: Path, model_dir: Path | None = None)
 
     pb = messages()
     req_cls, resp_cls, stream_cls = pb.ModelInferRequest, pb.ModelInferResponse, pb.ModelStreamInferResponse
-    step = _step_logits(model_dir) if model_dir is not None else None
+    steps = _ceilings.step_per_token(model_dir) if model_dir is not None else None
 
     def answer(req, r) -> None:
         tokens = read_tokens(req)  # T ids
@@ -83,7 +67,8 @@ async def serve_null(vocab: int, port_file: Path, model_dir: Path | None = None)
         out = r.outputs.add()
         out.name, out.datatype = "logits", "FP32"
         out.shape.extend((1, len(tokens), vocab))
-        r.raw_output_contents.append(step(tokens) if step is not None else bytes(4 * vocab * len(tokens)))
+        r.raw_output_contents.append(b"".join(x.tobytes() for x in steps(tokens)) if steps is not None
+                                     else bytes(4 * vocab * len(tokens)))
 
     async def stream(requests, context):
         async for req in requests:
@@ -250,11 +235,10 @@ def report(mode: str, n: int, runs: dict[str, list[dict]], steps: int, rounds: i
     ratio, goal = med["kserve"] / med["null"], GOALS.get((mode, n))
     per_round = ", ".join(f"{k['rate'] / z['rate']:.2f}" for k, z in zip(runs["kserve"], runs["null"]))
     extra = f"; kserve / native = {med['kserve'] / med['native']:.2f}" if "native" in med else ""
-    extra += f"; bound: null+ort / null = {med['null+ort'] / med['null']:.2f}" if "null+ort" in med else ""
-    print(f"kserve / null = {ratio:.2f} (per round: {per_round}){extra}")
+    bound = f"; null+ort / null {med['null+ort'] / med['null']:.2f}" if "null+ort" in med else ""
+    print(f"kserve / null = {ratio:.2f} (per round: {per_round}){extra}{bound}")
     ok = goal is None or ratio >= goal
     want = f"goal >= {goal:.2f}" if goal else "no goal"
-    bound = f"; null+ort / null {med['null+ort'] / med['null']:.2f}" if "null+ort" in med else ""
     return f"{mode:<6} @{n:<4} kserve / null {ratio:5.2f}  ({want}: {'PASS' if ok else 'MISS'}){bound}", ok
 
 
