@@ -200,7 +200,8 @@ class Batcher:
                 await self._wake.wait()
             if self.max_wait_s > 0 and not self.gen.rows and len(self._feeds) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
-            elif len(self._feeds) == 1 and not (self.long or len(self.gen)):  # calls already here may join it
+            elif (len(self._feeds) == 1 and not (self.long or len(self.gen))
+                  and time.monotonic() < self._batching_until):  # others are stepping: theirs may join it
                 for _ in range(self.batch_turns):
                     await asyncio.sleep(0)
             if self.gen.new:

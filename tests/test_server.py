@@ -380,6 +380,24 @@ def test_batch_turns_let_a_step_that_arrives_turns_later_join_the_batch(tiny_rep
     asyncio.run(main())
 
 
+def test_a_lone_session_never_waits_batch_turns(tiny_repo: Path) -> None:
+    """With --inline-rows 0 every step goes through the batcher, but one session stepping alone has nobody
+    to wait for: its step is answered in a few loop turns, not after --batch-turns of them."""
+    async def main() -> None:
+        async with serving(tiny_repo, batch_turns=1000, inline_rows=0) as (app, _c, _stub):
+            sid, ref = (await app.engine.open("tiny")).session_id, Reference(tiny_repo)
+            for ids in ([5], [3], [7]):
+                feed, turns = asyncio.ensure_future(app.engine.feed(sid, ids)), 0
+                while not feed.done():
+                    await asyncio.sleep(0)
+                    turns += 1
+                assert turns < 1000, turns
+                np.testing.assert_array_equal(feed.result().logits[-1:], ref.feed(ids)[-1:])
+                await asyncio.sleep(0.01)  # past the window in which another session's step would count
+
+    asyncio.run(main())
+
+
 def test_batch_turns_is_read_from_its_flag_or_env_and_bounded(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse([], {}).batch_turns == 10
     assert parse([], {"RNNSERVE_BATCH_TURNS": "0"}).batch_turns == 0
