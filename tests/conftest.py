@@ -182,6 +182,29 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+
+@pytest.fixture(scope="session")
+def live_ckpts(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """20 seeded Elman checkpoints (H=16, learned non-zero initial state), k00..k19, distinct weights (the
+    live-repository tests publish them)."""
+    folder = tmp_path_factory.mktemp("live-ckpts")
+    n = len(set(TINY_TEXT))
+    return [save_tiny_checkpoint(folder / f"k{i:02d}.pt", tiny_model("elman", 16, 1, "learned", 500 + i, n),
+                                 val_loss=3.0, steps=i) for i in range(20)]
+
+
+@pytest.fixture(scope="session")
+def live_three(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only repository with live/1, live/2, live/3: real exports of three different models."""
+    from rnnserve.trainer.export import export_model
+
+    repo, vocab = tmp_path_factory.mktemp("three"), sorted(set(TINY_TEXT))
+    for v, (cell, layers) in enumerate([("elman", 1), ("gru", 1), ("lstm", 2)], start=1):
+        export_model(tiny_model(cell, 16, layers, "learned" if cell == "elman" else "zeros", 40 + v, len(vocab)),
+                     vocab, repo, "live", version=v, source={"fixture": "tests/conftest.py live_three"})
+    return repo
+
+
 # -- vector models (numeric frames in): a tiny classifier and a tiny forecaster ----------------------------
 MEAN, STD = np.array([10.0, -2.0, 0.5], np.float32), np.array([3.0, 0.25, 1.0], np.float32)
 INFO = {"features": ["a", "b", "c"], "classes": ["w", "x", "y", "z"], "labels": "sequence", "horizon": 3}

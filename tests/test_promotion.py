@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _live_support import listed, opened, serving, until
 from conftest import TINY_TEXT, save_tiny_checkpoint, tiny_model
 from rnnserve.server.contract import (
     DEFAULT_FILE,
@@ -22,7 +23,6 @@ from rnnserve.trainer.batch_export import main_batch
 from rnnserve.trainer.export_cli import main as export_main
 from rnnserve.trainer.listing import main_list, scan
 from rnnserve.trainer.promote import apply_rule, compare, usable
-from test_live_repository import listed, opened, serving, until
 
 VOCAB = sorted(set(TINY_TEXT))
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
