@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import memory
+from .company import Company
 from .errors import NotFound, Unavailable
 from .feeds import LongFeeds
 from .finite import FiniteGuard, all_finite
@@ -33,7 +34,6 @@ from .sessions import Session, SessionTable, StatePool
 from .work import FeedJob, GenRow, Plan
 
 log = logging.getLogger(__name__)
-ALONE_S = 0.005  # a session stepping with no other one within this long takes the direct path
 TRIM_AFTER_TOKENS = 50_000  # feed tokens after which an idle batcher returns freed heap to the system
 
 
@@ -50,7 +50,7 @@ class Batcher:
         self.table = table
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.batch_turns = batch_turns  # loop turns a lone queued step waits for others (--batch-turns)
+        self.batch_turns = batch_turns  # most loop turns a lone queued step waits (--batch-turns)
         self.metrics = metrics
         self._vector = model.kind == "vector"  # frames in, no generation
         self.on_stepped = on_stepped  # called with the sessions whose state moved on in an iteration
@@ -64,9 +64,7 @@ class Batcher:
         self.finite = FiniteGuard(model, metrics)  # which rows of a step may be written back
         self._since_trim = 0  # feed tokens since memory was last handed back to the system
         self._running = False  # an iteration is under way (its awaits let other requests in)
-        self._last_session: Session | None = None  # the session of the last single-token feed, and when
-        self._last_at = 0.0
-        self._batching_until = 0.0  # other sessions were stepping: batch until then
+        self.company = Company()  # who else is stepping: the direct path, and the turns a lone step waits
         self.gen = Generator(model, pool, table, gen_budget_s, self._gauge)
         self._queue_time = metrics.queue_of(model) if metrics is not None else None
         self._wake = asyncio.Event()
@@ -132,11 +130,9 @@ class Batcher:
         """Nothing to batch with: no iteration running, nothing queued, and no other session stepping lately
         (when several do, their requests arrive together and one batched call serves them all)."""
         now = time.monotonic()
-        if self._last_session is not session and now - self._last_at < ALONE_S:
-            self._batching_until = now + ALONE_S
-        self._last_session, self._last_at = session, now
+        self.company.saw(session, now)
         return not (self._running or self._feeds or self.long or len(self.gen)
-                    or self.max_wait_s > 0 or self.inline_rows < 1 or now < self._batching_until)
+                    or self.max_wait_s > 0 or self.inline_rows < 1 or now < self.company.until)
 
     def _step_now(self, job: FeedJob) -> None:
         """One single-token feed run at once on the event loop: no batcher wake-up, no thread hop, no batch
@@ -201,9 +197,11 @@ class Batcher:
             if self.max_wait_s > 0 and not self.gen.rows and len(self._feeds) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
             elif (len(self._feeds) == 1 and not (self.long or len(self.gen))
-                  and time.monotonic() < self._batching_until):  # others are stepping: theirs may join it
-                for _ in range(self.batch_turns):
+                  and time.monotonic() < self.company.until):  # others are stepping: theirs may join it
+                turns = 0
+                while turns < self.company.turns(self.batch_turns):  # re-read: arrivals raise the count
                     await asyncio.sleep(0)
+                    turns += 1
             if self.gen.new:
                 self.gen.admit()
             self._running = True

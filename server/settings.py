@@ -29,7 +29,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda
     max_batch: int = 256
     max_wait_ms: float = 0.0  # 0: batch what piled up while the previous call ran
-    batch_turns: int = 10  # event-loop turns a lone queued step waits for calls already arrived (0 = none)
+    batch_turns: int = 40  # most loop turns a lone queued step waits for calls already arrived (0 = none)
     max_sessions: int = 100_000
     idle_timeout: float = 1800.0  # seconds, 0 = never
     max_generate_tokens: int = 4096
@@ -106,8 +106,8 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-batch", "max_batch", int, "largest batch of one onnxruntime call"),
     ("--max-wait-ms", "max_wait_ms", float, "longest wait for a batch to fill (ms)"),
     ("--batch-turns", "batch_turns", int,
-     ("event-loop turns a lone queued step waits, while several sessions step, for calls already arrived to join "
-      "its batch (0 = none)")),
+     ("most event-loop turns a lone queued step waits, while several sessions step, for calls already arrived to "
+      "join its batch: 3 per session stepping in the last 50 ms, up to this (0 = none)")),
     ("--max-sessions", "max_sessions", int, "cap on live sessions"),
     ("--idle-timeout", "idle_timeout", float, "seconds before an idle session expires (0 = never)"),
     ("--max-generate-tokens", "max_generate_tokens", int, "largest max_tokens of one generate"),

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rnnserve.server.app import App
 from rnnserve.server.sampling import sample
-from rnnserve.server.settings import Settings, parse
+from rnnserve.server.settings import Settings
 
 IA, NF, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                   grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -350,63 +350,3 @@ def test_stop_strings_end_a_generation_and_are_kept(tiny_repo: Path) -> None:
             await b.end()
 
     asyncio.run(main())
-
-
-@pytest.mark.parametrize("turns, calls", [(0, 2), (20, 1)])
-def test_batch_turns_let_a_step_that_arrives_turns_later_join_the_batch(tiny_repo: Path, turns: int,
-                                                                        calls: int) -> None:
-    """--batch-turns: a lone queued step waits that many event-loop turns, so a step arriving two turns
-    later (as gRPC admits unary calls, one per turn) shares its onnxruntime call; 0 steps it alone. The
-    answers are exact either way."""
-    async def main() -> None:
-        async with serving(tiny_repo, batch_turns=turns) as (app, _c, _stub):
-            eng = app.engine
-            a, b = (await eng.open("tiny")).session_id, (await eng.open("tiny")).session_id
-            batcher = eng.batchers[eng.model("tiny")]
-            batcher._batching_until = float("inf")  # several sessions stepping: no direct path for a lone step
-
-            async def later() -> np.ndarray:
-                for _ in range(2):
-                    await asyncio.sleep(0)
-                return (await eng.feed(b, [3])).logits
-
-            before = batcher.batches
-            ra, rb = await asyncio.gather(eng.feed(a, [5]), later())
-            assert batcher.batches - before == calls
-            for ids, got in (([5], ra.logits), ([3], rb)):
-                ref = Reference(tiny_repo)
-                np.testing.assert_array_equal(got, ref.feed(ids)[-1:])
-
-    asyncio.run(main())
-
-
-def test_a_lone_session_never_waits_batch_turns(tiny_repo: Path) -> None:
-    """With --inline-rows 0 every step goes through the batcher, but one session stepping alone has nobody
-    to wait for: the batcher starts its step within a few loop turns, not after --batch-turns of them (the
-    onnxruntime call then runs in its thread, for as many turns as the machine makes it take)."""
-    async def main() -> None:
-        async with serving(tiny_repo, batch_turns=1000, inline_rows=0) as (app, _c, _stub):
-            sid, ref = (await app.engine.open("tiny")).session_id, Reference(tiny_repo)
-            batcher = app.engine.batchers[app.engine.model("tiny")]
-            for ids in ([5], [3], [7]):
-                feed, turns = asyncio.ensure_future(app.engine.feed(sid, ids)), 0
-                while not (batcher._running or feed.done()):  # until the batcher's iteration has begun
-                    await asyncio.sleep(0)
-                    turns += 1
-                assert turns < 1000, turns
-                await feed
-                np.testing.assert_array_equal(feed.result().logits[-1:], ref.feed(ids)[-1:])
-                await asyncio.sleep(0.01)  # past the window in which another session's step would count
-
-    asyncio.run(main())
-
-
-def test_batch_turns_is_read_from_its_flag_or_env_and_bounded(capsys: pytest.CaptureFixture[str]) -> None:
-    assert parse([], {}).batch_turns == 10
-    assert parse([], {"RNNSERVE_BATCH_TURNS": "0"}).batch_turns == 0
-    assert parse(["--batch-turns", "3"], {"RNNSERVE_BATCH_TURNS": "0"}).batch_turns == 3
-    for bad in ("-1", "1001"):
-        with pytest.raises(SystemExit) as e:
-            parse(["--batch-turns", bad], {})
-        assert e.value.code == 2
-        assert f"--batch-turns must be between 0 and 1000, got {bad}" in capsys.readouterr().err
