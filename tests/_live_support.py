@@ -1,5 +1,6 @@
-"""What the live-repository tests share: an in-process server watching a repository, waits on what a client
-can see, and a plain onnxruntime reference loop (their repositories are conftest's live_ckpts and live_three).
+"""What the live-repository tests share: an in-process server watching a repository and waits on what a
+client can see (their repositories are conftest's live_ckpts and live_three, their reference loop conftest's
+Reference).
 
 Servers run in-process on 127.0.0.1 port 0 and poll every POLL seconds; every wait is on something a
 client can see (ListModels, health, a log record) with a deadline; the only fixed waits are a few
@@ -18,13 +19,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import rnnserve.v1.rnnserve_pb2 as pb
 import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
 from conftest import TINY_TEXT, SessionStream, started
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rnnserve.server.app import App
-from rnnserve.server.sampling import sample
 from rnnserve.server.settings import parse
 
 BIN = Path(sys.executable).parent
@@ -95,34 +94,6 @@ class Stream(SessionStream):
         resp = await super().send(**kind)
         assert resp.WhichOneof("kind") != "error", resp
         return resp
-
-
-class Reference:
-    """A plain onnxruntime loop of one version's model.onnx, one sequence alone (loaded now, so it
-    outlives the folder)."""
-
-    def __init__(self, vdir: Path) -> None:
-        meta = json.loads((vdir / "model.json").read_text())
-        self.sess = ort.InferenceSession(str(vdir / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.state = np.asarray(meta["initial_state"], np.float32)[None]  # (1, S)
-        self.logits: np.ndarray | None = None  # (1, V)
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        out = []
-        for t in ids:
-            self.logits, self.state = self.sess.run(None, {"tokens": np.array([t], np.int64), "state": self.state})
-            out.append(self.logits[0])
-        return np.stack(out)  # (n, V)
-
-    def generate(self, n: int, temperature: float, seed: int) -> list[int]:
-        """What the server's sampler draws with this seed: one uniform per token, then a step."""
-        rng, toks = np.random.default_rng(seed), []
-        for _ in range(n):
-            t = int(sample(self.logits, np.array([temperature]), np.array([0]), np.array([0.0]),
-                           np.array([rng.random()]))[0])
-            toks.append(t)
-            self.feed([t])
-        return toks
 
 
 def copy_version(src: Path, dst: Path, version: int) -> Path:

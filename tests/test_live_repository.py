@@ -19,7 +19,6 @@ from _live_support import (
     NF,
     SERVING,
     VOCAB,
-    Reference,
     Stream,
     feed_req,
     health,
@@ -31,7 +30,7 @@ from _live_support import (
     serving,
     until,
 )
-from conftest import tiny_model
+from conftest import Reference, tiny_model
 from rnnserve.trainer.export import export_model
 
 
@@ -61,7 +60,7 @@ def test_publishing_with_the_batch_exporter_while_sessions_stream(tmp_path: Path
         return row
 
     assert publish(live_ckpts[0])["version"] == 1
-    ref_gen, ref_feed = Reference(repo / "live" / "1"), Reference(repo / "live" / "1")
+    ref_gen, ref_feed = Reference(repo, "live", 1), Reference(repo, "live", 1)
     temperature, seed = 0.9, 1234
 
     async def main() -> None:
@@ -89,11 +88,11 @@ def test_publishing_with_the_batch_exporter_while_sessions_stream(tmp_path: Path
             new = await opened(stub, "live")  # a new session gets the new version
             assert new.model.version == 2 and new.model.latest
             r2 = await stub.Step(pb.StepRequest(session_id=new.session_id, feed=feed_req(ids[:5])))
-            np.testing.assert_allclose(logits_of(r2.result), Reference(repo / "live" / "2").feed(ids[:5]), atol=1e-5)
+            np.testing.assert_allclose(logits_of(r2.result), Reference(repo, "live", 2).feed(ids[:5]), atol=1e-5)
             pinned = await opened(stub, "live", 1)  # the old one is still served, pinned
             assert pinned.model.version == 1 and not pinned.model.latest
             r1 = await stub.Step(pb.StepRequest(session_id=pinned.session_id, feed=feed_req(ids[:5])))
-            np.testing.assert_allclose(logits_of(r1.result), Reference(repo / "live" / "1").feed(ids[:5]), atol=1e-5)
+            np.testing.assert_allclose(logits_of(r1.result), Reference(repo, "live", 1).feed(ids[:5]), atol=1e-5)
 
             for k in (8, 16):  # the feeder carries on from its own state on version 1
                 r = await feeder.send(feed=feed_req(ids[k:k + 8]))
@@ -107,7 +106,7 @@ def test_publishing_with_the_batch_exporter_while_sessions_stream(tmp_path: Path
             assert len(got) > 64, len(got)
             # the last chunk's count includes a step that was still in flight when the close landed
             assert chunks[-1].steps == len(prompt) + len(got), (chunks[-1].steps, len(prompt), len(got))
-            assert got == ref_gen.generate(len(got), temperature, seed), "the generation left version 1's outputs"
+            assert got == ref_gen.generate(len(got), temperature, 0, 0.0, seed), "the generation left version 1's outputs"
             for st in (gen, feeder):
                 await st.end()
 
@@ -122,7 +121,7 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, l
     the session already on it goes on with its outputs, and it unloads when that session closes."""
     repo = tmp_path / "repo"
     shutil.copytree(live_three, repo)
-    ref3 = Reference(repo / "live" / "3")  # loaded now: the folder is about to go
+    ref3 = Reference(repo, "live", 3)  # loaded now: the folder is about to go
 
     async def main() -> None:
         async with serving(repo, "--serve-versions", "all") as (app, ch, stub):
@@ -149,7 +148,7 @@ def test_a_removed_version_keeps_its_live_session_then_unloads(tmp_path: Path, l
                 np.testing.assert_allclose(logits_of(r.fed), ref3.feed(ids), atol=1e-5)
             first = await st.send(generate=pb.Generate(max_tokens=40, temperature=0.8, seed=9, chunk_tokens=16))
             chunks = await st.rest_of_generation(first)
-            assert [t for c in chunks for t in c.tokens] == ref3.generate(40, 0.8, 9)
+            assert [t for c in chunks for t in c.tokens] == ref3.generate(40, 0.8, 0, 0.0, 9)
             assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH and chunks[-1].steps == 3 + 2 + 3 + 40
             assert any(mv.key == "live:3" for mv in app.engine.batchers), "unloaded under a live session"
 

@@ -23,7 +23,6 @@ from _live_support import (
     NF,
     POLL,
     SERVING,
-    Reference,
     Stream,
     copy_version,
     feed_req,
@@ -36,6 +35,7 @@ from _live_support import (
     serving,
     until,
 )
+from conftest import Reference
 from rnnserve.server.contract import verify_version_dir, version_numbers
 from rnnserve.trainer.listing import scan
 from rnnserve.trainer.publish import TMP_PREFIX
@@ -68,7 +68,7 @@ def test_corrupt_versions_are_skipped_once_and_the_server_keeps_serving(tmp_path
     with the reason across later scans; the good version keeps serving, health stays SERVING."""
     repo = tmp_path / "repo"
     shutil.copytree(live_three / "live" / "1", repo / "live" / "1")
-    ref1 = Reference(repo / "live" / "1")
+    ref1 = Reference(repo, "live", 1)
     caplog.set_level(logging.ERROR, logger="rnnserve.server.repository")
 
     reasons: dict[int, str] = {}
@@ -166,7 +166,7 @@ def test_a_server_after_kill_9_of_a_batch_export_loads_only_complete_versions(tm
             s = await opened(stub, "nightly")
             assert s.model.version == default
             r = await stub.Step(pb.StepRequest(session_id=s.session_id, feed=feed_req([3, 1, 4])))
-            np.testing.assert_allclose(logits_of(r.result), Reference(nightly / str(default)).feed([3, 1, 4]),
+            np.testing.assert_allclose(logits_of(r.result), Reference(repo, "nightly", default).feed([3, 1, 4]),
                                        atol=1e-5)
             await asyncio.sleep(2 * POLL)  # the watcher passes the leftover too: it must stay silent
 

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 import rnnserve.v1.rnnserve_pb2 as pb
-from conftest import SessionStream, started
+from conftest import Reference, SessionStream, started
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rnnserve.server.app import App
-from rnnserve.server.sampling import sample
 from rnnserve.server.settings import Settings
 
 IA, NF, FP, RE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -33,33 +31,6 @@ async def serving(repo: Path, **kw):
     app = App(s)
     async with started(app) as running:
         yield running
-
-
-class Reference:
-    """A plain loop of model.onnx, one session alone."""
-
-    def __init__(self, repo: Path, name: str = "tiny", version: int = 1) -> None:
-        d = repo / name / str(version)
-        self.meta = json.loads((d / "model.json").read_text())
-        self.sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.state = np.asarray(self.meta["initial_state"], np.float32)[None]  # (1, S)
-        self.logits = None
-
-    def feed(self, ids: list[int]) -> np.ndarray:
-        out = []
-        for t in ids:
-            self.logits, self.state = self.sess.run(None, {"tokens": np.array([t]), "state": self.state})
-            out.append(self.logits[0])
-        return np.stack(out)  # (n, V)
-
-    def generate(self, n: int, temperature: float, top_k: int, top_p: float, seed: int) -> list[int]:
-        rng, toks = np.random.default_rng(seed), []
-        for _ in range(n):
-            t = int(sample(self.logits, np.array([temperature]), np.array([top_k]), np.array([top_p]),
-                           np.array([rng.random()]))[0])
-            toks.append(t)
-            self.feed([t])
-        return toks
 
 
 def logits_of(resp: pb.SessionResponse) -> np.ndarray:
