@@ -15,6 +15,7 @@ fixture (module scope; opt in with pytest.mark.usefixtures). A real redis-server
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
     import rnnserve.v1.rnnserve_pb2 as pb
     import rnnserve.v1.rnnserve_pb2_grpc as pb_grpc
     from rnnserve.server.app import App
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as a terminal delivers it, however the suite was started: a script's background job (`make
+    test &`, a CI step run with `&`) inherits SIGINT ignored, and so would every command line the tests
+    interrupt. rnn-health keeps an inherited ignore, as Python does, and would sit out its --timeout."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # children start with the default again
+
 
 TINY_TEXT = """\
 First Citizen:
