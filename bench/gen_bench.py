@@ -320,11 +320,11 @@ async def run(args: argparse.Namespace) -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     flags = ("--chunk-tokens", str(args.chunk_tokens), *shlex.split(args.serve_args))
     tmp = Path(tempfile.mkdtemp(prefix="gen-bench-step-path-"))
-    for _, model_dir in found:
-        step_path_repo(model_dir, tmp)
-    srv = _procs.start_rnn_serve(args.models, "--metrics-port", "0", *flags)
-    step_srv = None
+    srv = step_srv = None
     try:
+        for _, model_dir in found:
+            step_path_repo(model_dir, tmp)
+        srv = _procs.start_rnn_serve(args.models, "--metrics-port", "0", *flags)
         step_srv = _procs.start_rnn_serve(tmp, *flags)
         metrics_port = int(json.loads((srv.workdir / "port.json").read_text())["metrics_port"])
         rows = []
@@ -334,9 +334,9 @@ async def run(args: argparse.Namespace) -> int:
             rows += await generation_points(args, srv, step_srv, meta["name"], model_dir)
             rows += await prefix_points(args, srv, metrics_port, meta["name"], meta["vocab"], i)
     finally:
-        srv.stop()
-        if step_srv is not None:
-            step_srv.stop()
+        for server in (srv, step_srv):
+            if server is not None:
+                server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nsummary" + " " * 44 + "   measured             ceiling   ratio  goal      result")
     for text, _ in rows:

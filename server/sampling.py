@@ -84,7 +84,7 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Rows asking different k take the largest and keep their own first k columns. Row by row independent of
     the batch (the same numbers whether a row is computed alone or with others)."""
     K = min(int(k), logits.shape[1])
-    if len(logits) == 1:  # a ping-pong step's one row: 1-D calls, the same numbers in under half the time
+    if len(logits) == 1:  # one row (a ping-pong step): 1-D calls, the same numbers, 10 us instead of 12-13
         row = logits[0]  # (V,)
         p1 = np.exp(row - row.max())
         p1 /= p1.sum()
