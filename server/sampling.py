@@ -84,12 +84,6 @@ def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Rows asking different k take the largest and keep their own first k columns. Row by row independent of
     the batch (the same numbers whether a row is computed alone or with others)."""
     K = min(int(k), logits.shape[1])
-    if len(logits) == 1:  # one row (a ping-pong step): 1-D calls, the same numbers, 10 us instead of 12-13
-        row = logits[0]  # (V,)
-        p1 = np.exp(row - row.max())
-        p1 /= p1.sum()
-        ids1 = np.argsort(-p1, kind="stable")[:K]  # (K,)
-        return ids1[None], p1[ids1][None]  # (1, K), (1, K)
     p = np.exp(logits - logits.max(axis=1, keepdims=True))  # (n, V)
     p /= p.sum(axis=1, keepdims=True)
     ids = np.argsort(-p, axis=1, kind="stable")[:, :K]  # (n, K)

@@ -1,4 +1,5 @@
-"""server/sampling.py's top_k: a row gets the same ids and the same probability bits alone as in a batch."""
+"""server/sampling.py's top_k: a row gets the same ids and the same probability bits alone (the one-row
+gather, `p[:, ids[0]]`) as in a batch (`_take_rows`), as its docstring promises."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,13 +17,13 @@ def _rows(rng: np.random.Generator, n: int, V: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("V", [2, 65, 129, 1000])
-def test_one_row_top_k_equals_the_batched_path_bitwise(V: int) -> None:
+def test_top_k_of_a_row_alone_equals_its_row_in_a_batch_bitwise(V: int) -> None:
     rng = np.random.default_rng(V)
     x = _rows(rng, 400, V)
     for k in (1, 5, V, V + 3):
-        ids_b, probs_b = top_k(x, k)  # (n, K) the batched path
+        ids_b, probs_b = top_k(x, k)  # (n, K) in a batch
         for i in range(len(x)):
-            ids_1, probs_1 = top_k(x[i:i + 1], k)  # the one-row path
+            ids_1, probs_1 = top_k(x[i:i + 1], k)  # alone
             assert ids_1.shape == (1, min(k, V)) and ids_1.dtype == ids_b.dtype and probs_1.dtype == np.float32
             np.testing.assert_array_equal(ids_1[0], ids_b[i])
             np.testing.assert_array_equal(probs_1[0].view(np.int32), probs_b[i].view(np.int32))
