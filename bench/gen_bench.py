@@ -125,8 +125,8 @@ class Ceilings:
         return best
 
 
-def step_path_repo(model_dir: Path, root: Path) -> Path:
-    """A repository under root holding model_dir's version without generate.onnx (the step path)."""
+def step_path_repo(model_dir: Path, root: Path) -> None:
+    """Add model_dir's version to the repository at root, without generate.onnx (the step path)."""
     meta = json.loads((model_dir / "model.json").read_text())
     meta["files"].pop(GENERATE_FILE, None)
     meta["checks"] = {k: v for k, v in meta.get("checks", {}).items() if not k.startswith("generate_")}
@@ -135,7 +135,6 @@ def step_path_repo(model_dir: Path, root: Path) -> Path:
     for name in meta["files"]:  # model.onnx and sequence.onnx
         shutil.copyfile(model_dir / name, out / name)
     (out / "model.json").write_text(json.dumps(meta))
-    return root
 
 
 # --- prefix cache ---------------------------------------------------------------------------------------
